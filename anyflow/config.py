@@ -1,0 +1,31 @@
+"""Where the Hydra configs live, and the project's OmegaConf resolvers."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+def config_dir() -> Path:
+    """``conf/`` of a source checkout, else the copy installed as ``anyflow.conf``."""
+    repo = Path(__file__).resolve().parents[1] / "conf"
+    if (repo / "train.yaml").is_file():
+        return repo
+    return Path(str(resources.files("anyflow.conf")))
+
+
+def wandb_offline() -> bool:
+    """True unless a wandb API key is configured (environment or ``wandb login``)."""
+    try:
+        import wandb
+
+        return not bool(wandb.api.api_key)
+    except Exception:  # no wandb, or no settings: stay offline
+        return True
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("anyflow.wandb_offline"):
+        OmegaConf.register_new_resolver("anyflow.wandb_offline", wandb_offline)

@@ -1,0 +1,49 @@
+"""Autoencoders between pixels ``[B, 3, F, H, W]`` in [-1, 1] and the latents the transformer sees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+
+class IdentityAutoencoder(nn.Module):
+    """Pixel space (the embedded toy): latents are the pixels."""
+
+    def encode(self, video: Tensor) -> Tensor:
+        return video
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return latents
+
+
+class WanAutoencoder(nn.Module):
+    """diffusers' ``AutoencoderKLWan`` with Wan's per-channel ``latents_mean`` / ``latents_std`` normalisation."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+        self.register_buffer("latents_mean", mean, persistent=False)
+        self.register_buffer("latents_std", std, persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, torch_dtype: torch.dtype | None = None) -> "WanAutoencoder":
+        from diffusers import AutoencoderKLWan
+
+        return cls(AutoencoderKLWan.from_pretrained(Path(folder) / "vae", torch_dtype=torch_dtype))
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    @torch.no_grad()
+    def encode(self, video: Tensor) -> Tensor:
+        latents = self.vae.encode(video.to(self.vae.dtype)).latent_dist.mode()
+        return ((latents.float() - self.latents_mean) / self.latents_std).to(video.dtype)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        latents = latents.float() * self.latents_std + self.latents_mean
+        return self.vae.decode(latents.to(self.vae.dtype)).sample.float().clamp(-1, 1)

@@ -1,0 +1,212 @@
+"""The LightningModule: networks + optimizers + the stage's update loop (DESIGN §7).
+
+Manual optimization. Every training step performs exactly one ``optimizer.step()`` of a Lightning
+optimizer, so Lightning's ``global_step`` — and with it ``trainer.max_steps``, ``every_n_train_steps`` and
+the LR schedules — counts training *iterations*:
+
+- ``teacher`` / ``pretrain``: one student update per iteration.
+- ``onpolicy``: each iteration is either a critic update (fake score + discriminator, one optimizer with
+  a parameter group per network) or, every ``generator_every``-th iteration, a generator update.
+
+All randomness of an iteration comes from generators seeded with ``(seed, iteration, rank)`` (local:
+noise, dropout) and ``(seed, iteration)`` (shared by all ranks: times, the rollout's NFE and split), so a
+resumed run continues exactly like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from anyflow.ema import EMA
+from anyflow.export import atomic_folder_write, full_state_dict, save_transformer
+from anyflow.sampling import sample
+
+FROZEN = ("text_encoder", "autoencoder", "teacher")
+
+
+def _seed(*parts: int) -> int:
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value * 6364136223846793005 + int(part) + 1442695040888963407) % (1 << 63)
+    return value
+
+
+class AnyFlowModule(L.LightningModule):
+    """Holds the student (and, per stage, teacher / fake score / discriminator), the frozen text encoder
+    and autoencoder, and runs the stage objective with manual optimization."""
+
+    def __init__(self, *, stage: dict, student: nn.Module, text_encoder: nn.Module, autoencoder: nn.Module,
+                 latent_shape: list[int], shift: float = 1.0, negative_prompt: str = "", seed: int = 0,
+                 optim: dict | None = None, ema: dict | None = None, teacher: nn.Module | None = None,
+                 fake_score: nn.Module | None = None, discriminator: nn.Module | None = None,
+                 objective=None, sampling: dict | None = None):
+        super().__init__()
+        self.stage = dict(stage)
+        self.stage_name = self.stage["name"]
+        self.student, self.text_encoder, self.autoencoder = student, text_encoder, autoencoder
+        self.teacher, self.fake_score, self.discriminator = teacher, fake_score, discriminator
+        self.latent_shape, self.shift = list(latent_shape), float(shift)
+        self.negative_prompt, self.seed = negative_prompt, int(seed)
+        self.optim = {"lr": 1e-4, "betas": (0.9, 0.999), "weight_decay": 0.0, "warmup_steps": 0, "clip": 1.0,
+                      **(optim or {})}
+        self.sampling = {"mode": "flowmap" if self.stage_name != "teacher" else "teacher", **(sampling or {})}
+        self.objective = objective
+        self.automatic_optimization = False
+        self.strict_loading = False  # frozen networks are not stored in checkpoints (see on_save_checkpoint)
+        for name in FROZEN:
+            module = getattr(self, name)
+            if module is not None:
+                module.requires_grad_(False).eval()
+        ema = {"decay": 0.999, "warmup_steps": 0, **(ema or {})}
+        self.ema = EMA(self.student, ema["decay"], ema["warmup_steps"])
+        self._step_start = None
+
+    # ------------------------------------------------------------------ setup
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in FROZEN:  # frozen networks always run in eval mode
+            module = getattr(self, name)
+            if module is not None:
+                module.eval()
+        return self
+
+    def _adamw(self, groups):
+        return torch.optim.AdamW(groups, lr=self.optim["lr"], betas=tuple(self.optim["betas"]),
+                                 weight_decay=self.optim["weight_decay"])
+
+    def _warmup(self, optimizer):
+        warmup = max(int(self.optim["warmup_steps"]), 0)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+
+    def configure_optimizers(self):
+        trainable = [p for p in self.student.parameters() if p.requires_grad]
+        optimizers = [self._adamw(trainable)]
+        if self.fake_score is not None:
+            groups = [{"params": [p for p in self.fake_score.parameters() if p.requires_grad], "name": "fake_score"}]
+            if self.discriminator is not None:
+                groups.append({"params": list(self.discriminator.parameters()), "name": "discriminator"})
+            optimizers.append(self._adamw(groups))
+        return optimizers, [{"scheduler": self._warmup(o), "interval": "step"} for o in optimizers]
+
+    # ------------------------------------------------------------------ helpers
+    def generators(self) -> tuple[torch.Generator, torch.Generator]:
+        """``(local, shared)`` generators of this iteration: local on this device, shared (on CPU) alike on all ranks."""
+        step = self.global_step
+        local = torch.Generator(device=self.device).manual_seed(_seed(self.seed, step, self.global_rank, 1))
+        shared = torch.Generator().manual_seed(_seed(self.seed, step, 2))
+        return local, shared
+
+    def encode_batch(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """``(x_0 latents, prompt embeddings)`` of a batch (precomputed ones are used when present)."""
+        x0 = batch["latents"] if "latents" in batch else self.autoencoder.encode(batch["video"])
+        embeds = batch["prompt_embeds"] if "prompt_embeds" in batch else self.text_encoder.encode(list(batch["prompt"]))
+        return x0.to(self.device), embeds.to(self.device)
+
+    def negative_embeds(self) -> Tensor:
+        return self.text_encoder.encode([self.negative_prompt]).to(self.device)
+
+    def _update(self, optimizer, scheduler, loss: Tensor, params) -> Tensor:
+        """Backward, clip (max norm), step, schedule; returns the pre-clip gradient norm."""
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.optim["clip"] or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def _log(self, values: dict, prog_bar: tuple[str, ...] = ()):
+        for key, value in values.items():
+            value = value.detach().float() if isinstance(value, Tensor) else float(value)
+            self.log(key, value, on_step=True, on_epoch=False, prog_bar=key in prog_bar,
+                     batch_size=1, sync_dist=False)
+
+    # ------------------------------------------------------------------ training
+    def on_train_batch_start(self, batch, batch_idx):
+        self._step_start = time.perf_counter()
+
+    def training_step(self, batch, batch_idx):
+        x0, embeds = self.encode_batch(batch)
+        local, shared = self.generators()
+        if self.stage_name in ("teacher", "pretrain"):
+            logs = self._regression_step(x0, embeds, local, shared)
+        else:
+            raise ValueError(f"unknown stage {self.stage_name!r}; use stage=teacher, pretrain or onpolicy.")
+        logs["train/step_time"] = time.perf_counter() - self._step_start
+        self._log(logs, prog_bar=tuple(k for k in logs if k.endswith("_loss")))
+
+    def _regression_step(self, x0, embeds, local, shared) -> dict:
+        """teacher (flow matching) / pretrain (flow map): one student update on the real batch."""
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        out = self.objective(self.student, x0, embeds, negative_embeds=self.negative_embeds(), generator=local,
+                             time_generator=shared)
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        grad_norm = self._update(optimizer, scheduler, out["loss"], params)
+        decay = self.ema.update(self.student)
+        name = "flow_matching_loss" if self.stage_name == "teacher" else "flowmap_loss"
+        logs = {f"train/{name}": out["loss"], "train/grad_norm/student": grad_norm,
+                "train/lr": scheduler.get_last_lr()[0], "train/ema_decay": decay}
+        if self.stage_name == "pretrain":
+            is_diffusion = out["t"] == out["r"]
+            if is_diffusion.any():
+                logs["train/diffusion_loss"] = out["per_sample"][is_diffusion].mean()
+            if (~is_diffusion).any():
+                logs["train/jump_loss"] = out["per_sample"][~is_diffusion].mean()
+        return logs
+
+    # ------------------------------------------------------------------ checkpoints, sampling, export
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Frozen networks are rebuilt from their configs; only what trains (and the EMA) is stored."""
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            for key in [k for k in state if k.split(".", 1)[0] in FROZEN]:
+                del state[key]
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], nfe: int, *, seed: int = 0, use_ema: bool = True,
+                 guidance_scale: float = 1.0, progress: bool = False) -> Tensor:
+        """Videos ``[B, 3, F, H, W]`` in [-1, 1] for ``prompts`` with the (EMA) student at ``nfe`` steps."""
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(len(prompts), *self.latent_shape, generator=generator).to(self.device)
+        embeds = self.text_encoder.encode(prompts).to(self.device)
+        negative = self.negative_embeds() if guidance_scale != 1.0 else None
+        run = partial(sample, self.student, noise, embeds, nfe, self.shift, mode=self.sampling["mode"],
+                      guidance_scale=guidance_scale, negative_embeds=negative, progress=progress)
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            if use_ema:
+                with self.ema.swapped(self.student):
+                    latents = run()
+            else:
+                latents = run()
+        finally:
+            self.student.train(was_training)
+        return self.autoencoder.decode(latents).clamp(-1, 1)
+
+    def export(self, folder, metadata: dict) -> None:
+        """Write the EMA student (Diffusers format), the text encoder and ``anyflow.json`` to ``folder``.
+
+        Call on every rank (FSDP gathers shards); rank 0 writes.
+        """
+        import json
+
+        with self.ema.swapped(self.student):
+            state = full_state_dict(self.student)
+        if self.global_rank != 0:
+            return
+
+        def write(tmp):
+            save_transformer(self.student, tmp / "transformer", state)
+            if hasattr(self.text_encoder, "save_pretrained"):
+                self.text_encoder.save_pretrained(tmp)
+            info = {"stage": self.stage_name, "latent_shape": self.latent_shape, "shift": self.shift,
+                    "mode": self.sampling["mode"], "negative_prompt": self.negative_prompt,
+                    "step": int(self.global_step), **metadata}
+            (tmp / "anyflow.json").write_text(json.dumps(info, indent=2))
+
+        atomic_folder_write(folder, write)

@@ -1,0 +1,75 @@
+"""Any-step sampling with a flow map, and the flow-map backward simulation (DESIGN §2, §6).
+
+Networks are called only through :func:`call_model`, i.e. the forward signature of
+:class:`anyflow.models.FlowMapWanTransformer3DModel` with unit time converted to 0..1000 there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from anyflow.flow import flow_map_step, schedule, to_network_time
+
+
+def call_model(model, x: Tensor, t: Tensor, r: Tensor, prompt_embeds: Tensor) -> Tensor:
+    """``u(x, t, r)`` for unit times ``t``, ``r`` of shape ``[B]`` or ``[B, F]`` (or scalars)."""
+    batch = x.shape[0]
+    t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
+    r = torch.as_tensor(r, device=x.device, dtype=torch.float32)
+    t, r = (t.expand(batch) if t.ndim == 0 else t), (r.expand(batch) if r.ndim == 0 else r)
+    out = model(hidden_states=x, timestep=to_network_time(t), r_timestep=to_network_time(r),
+                encoder_hidden_states=prompt_embeds, return_dict=False)
+    return out[0]
+
+
+def guided(model, x: Tensor, t: Tensor, r: Tensor, prompt_embeds: Tensor, negative_embeds: Tensor | None,
+           guidance_scale: float) -> Tensor:
+    """Classifier-free guidance ``u_∅ + s·(u_c − u_∅)`` in one batched call; ``s = 1`` is one plain call."""
+    if guidance_scale == 1.0 or negative_embeds is None:
+        return call_model(model, x, t, r, prompt_embeds)
+    t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(x.shape[0])
+    r = torch.as_tensor(r, device=x.device, dtype=torch.float32).expand(x.shape[0])
+    both = call_model(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([r, r]),
+                      torch.cat([prompt_embeds, negative_embeds.expand_as(prompt_embeds)]))
+    cond, uncond = both.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def sample(model, noise: Tensor, prompt_embeds: Tensor, nfe: int, shift: float = 1.0, *, mode: str = "flowmap",
+           guidance_scale: float = 1.0, negative_embeds: Tensor | None = None, progress: bool = True) -> Tensor:
+    """Any-step sampler: ``x ← x − (τ_i − τ_{i+1})·u(x, τ_i, r)`` over the shifted K-step schedule (DESIGN §2).
+
+    ``mode="flowmap"`` jumps with ``r = τ_{i+1}``; ``mode="teacher"`` evaluates a velocity model at ``r = t``
+    (plain Euler). Returns ``x̂_0``.
+    """
+    if mode not in ("flowmap", "teacher"):
+        raise ValueError(f"mode={mode!r} is not a sampler mode; use 'flowmap' or 'teacher'.")
+    tau = schedule(nfe, shift, device=noise.device)
+    x = noise
+    for i in tqdm(range(nfe), desc=f"sampling (nfe={nfe})", disable=not progress, leave=False):
+        t, r = tau[i], tau[i + 1]
+        u = guided(model, x, t, t if mode == "teacher" else r, prompt_embeds, negative_embeds, guidance_scale)
+        x = flow_map_step(x, u, t.expand(x.shape[0]), r.expand(x.shape[0]))
+    return x
+
+
+def backward_simulation(model, noise: Tensor, prompt_embeds: Tensor, nfe: int, split: int, shift: float = 1.0,
+                        *, guidance_scale: float = 1.0, negative_embeds: Tensor | None = None) -> Tensor:
+    """Flow-map backward simulation (DESIGN §6): the student's on-policy sample of a K-step rollout.
+
+    With the K-step schedule ``τ`` and a split ``j``, jump ``τ_0 → τ_j`` (skipped if j = 0), take the single
+    step ``τ_j → τ_{j+1}``, then jump ``τ_{j+1} → 0`` (skipped if j + 1 = K): at most three network calls for
+    any K. The result keeps its autograd graph when gradients are enabled.
+    """
+    if not 0 <= split < nfe:
+        raise ValueError(f"split={split} must lie in 0..{nfe - 1} for nfe={nfe}.")
+    tau = schedule(nfe, shift, device=noise.device)
+    stops = [tau[0]] + ([tau[split]] if split > 0 else []) + [tau[split + 1]] + ([tau[-1]] if split + 1 < nfe else [])
+    x = noise
+    batch = noise.shape[0]
+    for t, r in zip(stops[:-1], stops[1:]):
+        u = guided(model, x, t, r, prompt_embeds, negative_embeds, guidance_scale)
+        x = flow_map_step(x, u, t.expand(batch), r.expand(batch))
+    return x

@@ -1,0 +1,148 @@
+"""``train(cfg)``: build networks, module, data, callbacks, logger and Lightning Trainer from a Hydra config.
+
+``python train.py stage=pretrain`` (repo root) and ``anyflow-train stage=pretrain`` (installed) both land here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from anyflow.config import config_dir, register_resolvers
+from anyflow.data import AnyFlowDataModule
+from anyflow.export import newest_export
+from anyflow.models import FlowMapWanTransformer3DModel
+from anyflow.models.text_encoder import UMT5TextEncoder
+from anyflow.module import AnyFlowModule
+
+log = logging.getLogger("anyflow")
+STAGES = ("teacher", "pretrain", "onpolicy")
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message is one sentence naming the value and the fix."""
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.run_dir)
+
+
+def resolve_init(cfg: DictConfig) -> Path | None:
+    """The folder the student starts from, or ``None`` for random weights."""
+    init = cfg.get("init_from")
+    if init == "scratch":
+        return None
+    if init is not None:
+        path = Path(init)
+        if not path.exists():
+            raise ConfigError(f"init_from={init!r} does not exist; pass an export folder, a Diffusers folder, "
+                              "or init_from=scratch.")
+        return path
+    source = cfg.stage.get("init_stage")
+    if source is None:
+        return None
+    found = newest_export(cfg.paths.output_dir, source)
+    if found is None:
+        raise ConfigError(
+            f"stage={cfg.stage.name} starts from a {source} export, but there is none under "
+            f"{cfg.paths.output_dir}/{source}/; run `python train.py stage={source}` first, or pass "
+            "init_from=PATH (or init_from=scratch)."
+        )
+    return found
+
+
+def resolve_ckpt(cfg: DictConfig) -> str | None:
+    """``ckpt_path=last`` → the newest ``last.ckpt`` of this stage's runs."""
+    ckpt = cfg.get("ckpt_path")
+    if ckpt is None:
+        return None
+    if ckpt == "last":
+        runs = sorted(Path(cfg.paths.output_dir, cfg.stage.name).glob("*/checkpoints/last.ckpt"),
+                      key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise ConfigError(f"ckpt_path=last found no checkpoints/last.ckpt under "
+                              f"{cfg.paths.output_dir}/{cfg.stage.name}/; start a run first or pass a .ckpt path.")
+        return str(runs[-1])
+    if not Path(ckpt).exists():
+        raise ConfigError(f"ckpt_path={ckpt!r} does not exist; pass a Lightning .ckpt (or ckpt_path=last).")
+    return str(ckpt)
+
+
+def build_text_encoder(cfg: DictConfig, init: Path | None):
+    """The frozen prompt encoder; an init export that carries one is used, so embeddings match its training."""
+    if init is not None and (init / "text_encoder").is_dir() and (init / "tokenizer").is_dir():
+        return UMT5TextEncoder.from_pretrained(init, max_length=cfg.model.text_encoder.max_length)
+    return instantiate(cfg.model.text_encoder)
+
+
+def build_student(cfg: DictConfig, init: Path | None):
+    if init is None:
+        return instantiate(cfg.model.transformer, _convert_="all")
+    return FlowMapWanTransformer3DModel.from_pretrained(init)
+
+
+def build_module(cfg: DictConfig) -> AnyFlowModule:
+    if cfg.stage.name not in STAGES:
+        raise ConfigError(f"stage={cfg.stage.name!r} is unknown; use one of {', '.join(STAGES)}.")
+    init = resolve_init(cfg)
+    log.info("student initialised from %s", init or "random weights (scratch)")
+    return AnyFlowModule(
+        stage=OmegaConf.to_container(cfg.stage, resolve=True),
+        student=build_student(cfg, init),
+        text_encoder=build_text_encoder(cfg, init),
+        autoencoder=instantiate(cfg.model.autoencoder),
+        latent_shape=list(cfg.model.latent_shape),
+        shift=cfg.model.shift,
+        negative_prompt=cfg.negative_prompt,
+        seed=cfg.seed,
+        optim=OmegaConf.to_container(cfg.stage.optim, resolve=True),
+        ema=OmegaConf.to_container(cfg.stage.ema, resolve=True),
+        objective=instantiate(cfg.stage.objective),
+        sampling={"mode": cfg.stage.sampling_mode},
+    )
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c]
+    logger = instantiate(cfg.logger, _convert_="all") if cfg.get("logger") else False
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, _convert_="all")
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train one stage; returns the paths it wrote (``run_dir``, ``checkpoint``, ``export``, ``videos``)."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    ckpt = resolve_ckpt(cfg)
+    module = build_module(cfg)
+    data = AnyFlowDataModule(instantiate(cfg.data.train, _convert_="all"), batch_size=cfg.data.batch_size,
+                             num_workers=cfg.data.num_workers, seed=cfg.seed)
+    trainer = build_trainer(cfg)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+
+    out = run_dir(cfg)
+    paths = {"run_dir": out, "checkpoint": out / "checkpoints" / "last.ckpt", "export": out / "export",
+             "videos": out / "videos"}
+    if trainer.is_global_zero:
+        print(f"\n[anyflow] stage={cfg.stage.name} finished {trainer.global_step} iterations")
+        for name, path in paths.items():
+            if path.exists():
+                print(f"[anyflow] {name:10s} {path}")
+    return paths
+
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+__all__ = ["train", "main", "build_module"]
