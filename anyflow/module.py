@@ -206,6 +206,7 @@ class AnyFlowModule(L.LightningModule):
                 self.text_encoder.save_pretrained(tmp)
             info = {"stage": self.stage_name, "latent_shape": self.latent_shape, "shift": self.shift,
                     "mode": self.sampling["mode"], "negative_prompt": self.negative_prompt,
+                    "max_length": getattr(self.text_encoder, "max_length", None),
                     "step": int(self.global_step), **metadata}
             (tmp / "anyflow.json").write_text(json.dumps(info, indent=2))
 
