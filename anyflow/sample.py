@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,15 @@ class Sampler:
         return self.autoencoder.decode(latents).clamp(-1, 1)
 
 
+def _mismatch(error: Exception) -> str:
+    """The gist of a diffusers loading error: which weight has which wrong shape."""
+    text = str(error)
+    found = re.search(r"(\S+) expected shape torch.Size\((\[.*?\])\), but got torch.Size\((\[.*?\])\)", text)
+    if found:
+        return f"weight {found[1]} has shape {found[3]} where the config needs {found[2]}"
+    return text.strip().splitlines()[0].split(". ")[0][:200]
+
+
 def load_export(path: str | Path, device: str | torch.device = "cpu") -> Sampler:
     """Load transformer, text encoder and autoencoder of an export; one clear sentence on mismatch."""
     path = check_export(path)
@@ -66,8 +76,7 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> Sampler
     try:
         transformer = FlowMapWanTransformer3DModel.from_pretrained(path)
     except (ValueError, RuntimeError, OSError) as error:
-        first = str(error).strip().splitlines()[0][:300]
-        raise SampleError(f"checkpoint {str(path)!r} does not match its model config ({first}); "
+        raise SampleError(f"checkpoint {str(path)!r} does not match its model config ({_mismatch(error)}); "
                           "re-export it or point ckpt= to a matching export.") from None
     channels = meta["latent_shape"][0]
     if transformer.config.in_channels != channels:
