@@ -24,7 +24,10 @@ from torch import Tensor, nn
 
 from anyflow.ema import EMA
 from anyflow.export import atomic_folder_write, full_state_dict, save_transformer
-from anyflow.sampling import sample
+from anyflow.flow import add_noise, logit_normal, shift as time_shift
+from anyflow.objectives import dmd_generator_loss, flow_matching_loss, gan_discriminator_loss, gan_generator_loss
+from anyflow.objectives.common import randn_like
+from anyflow.sampling import backward_simulation, sample
 
 FROZEN = ("text_encoder", "autoencoder", "teacher")
 
@@ -75,9 +78,13 @@ class AnyFlowModule(L.LightningModule):
                 module.eval()
         return self
 
-    def _adamw(self, groups):
-        return torch.optim.AdamW(groups, lr=self.optim["lr"], betas=tuple(self.optim["betas"]),
-                                 weight_decay=self.optim["weight_decay"])
+    def on_train_start(self) -> None:
+        self.train()  # trainable networks train (loaded ones arrive in eval mode); frozen ones stay in eval
+
+    def _adamw(self, groups, overrides: dict | None = None):
+        optim = {**self.optim, **(overrides or {})}
+        return torch.optim.AdamW(groups, lr=optim["lr"], betas=tuple(optim["betas"]),
+                                 weight_decay=optim["weight_decay"])
 
     def _warmup(self, optimizer):
         warmup = max(int(self.optim["warmup_steps"]), 0)
@@ -90,7 +97,7 @@ class AnyFlowModule(L.LightningModule):
             groups = [{"params": [p for p in self.fake_score.parameters() if p.requires_grad], "name": "fake_score"}]
             if self.discriminator is not None:
                 groups.append({"params": list(self.discriminator.parameters()), "name": "discriminator"})
-            optimizers.append(self._adamw(groups))
+            optimizers.append(self._adamw(groups, self.stage.get("critic_optim")))
         return optimizers, [{"scheduler": self._warmup(o), "interval": "step"} for o in optimizers]
 
     # ------------------------------------------------------------------ helpers
@@ -110,14 +117,19 @@ class AnyFlowModule(L.LightningModule):
     def negative_embeds(self) -> Tensor:
         return self.text_encoder.encode([self.negative_prompt]).to(self.device)
 
+    def _clip(self, params) -> Tensor:
+        """Clip to ``optim.clip`` (max norm); returns the norm before clipping."""
+        norm = torch.nn.utils.clip_grad_norm_(params, self.optim["clip"] or float("inf"))
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
     def _update(self, optimizer, scheduler, loss: Tensor, params) -> Tensor:
-        """Backward, clip (max norm), step, schedule; returns the pre-clip gradient norm."""
+        """Backward, clip, step, schedule; returns the pre-clip gradient norm."""
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        norm = torch.nn.utils.clip_grad_norm_(params, self.optim["clip"] or float("inf"))
+        norm = self._clip(params)
         optimizer.step()
         scheduler.step()
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return norm
 
     def _log(self, values: dict, prog_bar: tuple[str, ...] = ()):
         for key, value in values.items():
@@ -134,6 +146,8 @@ class AnyFlowModule(L.LightningModule):
         local, shared = self.generators()
         if self.stage_name in ("teacher", "pretrain"):
             logs = self._regression_step(x0, embeds, local, shared)
+        elif self.stage_name == "onpolicy":
+            logs = self._onpolicy_step(x0, embeds, local, shared)
         else:
             raise ValueError(f"unknown stage {self.stage_name!r}; use stage=teacher, pretrain or onpolicy.")
         logs["train/step_time"] = time.perf_counter() - self._step_start
@@ -156,6 +170,94 @@ class AnyFlowModule(L.LightningModule):
                 logs["train/diffusion_loss"] = out["per_sample"][is_diffusion].mean()
             if (~is_diffusion).any():
                 logs["train/jump_loss"] = out["per_sample"][~is_diffusion].mean()
+        return logs
+
+    # ------------------------------------------------------------------ on-policy distillation (DESIGN §6)
+    def is_generator_iteration(self, iteration: int) -> bool:
+        """One generator update after every ``generator_every`` critic updates."""
+        every = int(self.stage.get("generator_every", 1))
+        return (iteration + 1) % (every + 1) == 0
+
+    def draw_rollout(self, shared: torch.Generator) -> tuple[int, int]:
+        """``(K, j)``: the rollout NFE from ``stage.rollout_nfe`` and a split in 0..K−1, alike on all ranks."""
+        choices = list(self.stage["rollout_nfe"])
+        nfe = int(choices[int(torch.randint(len(choices), (1,), generator=shared))])
+        split = int(torch.randint(nfe, (1,), generator=shared))
+        if self.trainer.world_size > 1:  # cheap guard: a disagreement would silently desynchronise FSDP
+            gathered = self.all_gather(torch.tensor([nfe, split], device=self.device))
+            assert bool((gathered == gathered[0]).all()), f"ranks drew different (nfe, split): {gathered.tolist()}"
+        return nfe, split
+
+    def _rollout(self, embeds: Tensor, nfe: int, split: int, local: torch.Generator) -> Tensor:
+        noise = torch.randn(embeds.shape[0], *self.latent_shape, generator=local, device=local.device)
+        return backward_simulation(self.student, noise.to(self.device), embeds, nfe, split, self.shift)
+
+    def _onpolicy_step(self, x0, embeds, local, shared) -> dict:
+        nfe, split = self.draw_rollout(shared)
+        logs = {"train/rollout_nfe": nfe, "train/rollout_split": split}
+        if self.is_generator_iteration(self.global_step):
+            logs.update(self._generator_update(x0, embeds, nfe, split, local, shared))
+        else:
+            logs.update(self._critic_update(x0, embeds, nfe, split, local))
+        return logs
+
+    def _generator_update(self, x0, embeds, nfe, split, local, shared) -> dict:
+        """DMD (+ GAN) on the student's rollout, backward first; then the co-trained flow-map loss; one step."""
+        optimizer, scheduler = self.optimizers()[0], self.lr_schedulers()[0]
+        negative = self.negative_embeds()
+        dmd_cfg = self.stage["dmd"]
+        optimizer.zero_grad(set_to_none=True)
+        x0_hat = self._rollout(embeds, nfe, split, local)
+        dmd = dmd_generator_loss(x0_hat, self.teacher, self.fake_score, embeds, negative_embeds=negative,
+                                 generator=local, weight=dmd_cfg["weight"], shift=dmd_cfg["shift"],
+                                 min_t=dmd_cfg["min_t"], max_t=dmd_cfg["max_t"],
+                                 real_guidance_scale=dmd_cfg["real_guidance_scale"])
+        logs = {"train/dmd_loss": dmd["loss"]}
+        loss = dmd["loss"]
+        if self.discriminator is not None:
+            x_t = add_noise(x0_hat, randn_like(x0_hat, local), dmd["t"])
+            gan = gan_generator_loss(self.discriminator.logits(self.teacher, x_t, dmd["t"], embeds))
+            loss = loss + self.stage["gan_weight"] * gan
+            logs["train/gan_g_loss"] = gan
+        self.manual_backward(loss)
+        if self.stage.get("cotrain_forward_kl", True):
+            out = self.objective(self.student, x0, embeds, negative_embeds=negative, generator=local,
+                                 time_generator=shared)
+            self.manual_backward(self.stage.get("cotrain_weight", 1.0) * out["loss"])
+            logs["train/flowmap_loss"] = out["loss"]
+        logs["train/grad_norm/student"] = self._clip([p for p in self.student.parameters() if p.requires_grad])
+        optimizer.step()
+        scheduler.step()
+        logs["train/ema_decay"] = self.ema.update(self.student)
+        logs["train/lr"] = scheduler.get_last_lr()[0]
+        return logs
+
+    def _critic_update(self, x0, embeds, nfe, split, local) -> dict:
+        """Flow matching of the fake score on generated samples (+ the discriminator, real vs generated)."""
+        optimizer, scheduler = self.optimizers()[1], self.lr_schedulers()[1]
+        critic = self.stage["critic"]
+        with torch.no_grad():
+            x0_hat = self._rollout(embeds, nfe, split, local)
+        t = logit_normal(x0_hat.shape[0], generator=local, device=local.device)
+        t = time_shift(t, critic["shift"]).clamp(critic["min_t"], critic["max_t"]).to(self.device)
+        noise = randn_like(x0_hat, local)
+        fake = flow_matching_loss(self.fake_score, x0_hat, embeds, noise=noise, t=t)
+        loss, logs = fake["loss"], {"train/fake_score_loss": fake["loss"]}
+        if self.discriminator is not None:
+            real_t, fake_t = add_noise(x0, noise, t), add_noise(x0_hat, noise, t)
+            with torch.no_grad():
+                real_features = self.discriminator.features(self.teacher, real_t, t, embeds)
+                fake_features = self.discriminator.features(self.teacher, fake_t, t, embeds)
+            d_loss = gan_discriminator_loss(self.discriminator(real_features), self.discriminator(fake_features))
+            loss = loss + d_loss
+            logs["train/gan_d_loss"] = d_loss
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        logs["train/grad_norm/fake_score"] = self._clip([p for p in self.fake_score.parameters() if p.requires_grad])
+        if self.discriminator is not None:
+            logs["train/grad_norm/discriminator"] = self._clip(list(self.discriminator.parameters()))
+        optimizer.step()
+        scheduler.step()
         return logs
 
     # ------------------------------------------------------------------ checkpoints, sampling, export

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -86,12 +87,47 @@ def build_student(cfg: DictConfig, init: Path | None):
     return FlowMapWanTransformer3DModel.from_pretrained(init)
 
 
+def resolve_teacher(cfg: DictConfig) -> Path:
+    """The frozen teacher of the on-policy stage: ``teacher_from``, else the newest ``stage.teacher_stage`` export."""
+    if cfg.get("teacher_from"):
+        path = Path(cfg.teacher_from)
+        if not path.exists():
+            raise ConfigError(f"teacher_from={cfg.teacher_from!r} does not exist; pass a teacher export, a "
+                              "pretrain export or a Wan Diffusers folder.")
+        return path
+    found = newest_export(cfg.paths.output_dir, cfg.stage.teacher_stage)
+    if found is None:
+        raise ConfigError(f"stage=onpolicy needs a teacher, but there is no {cfg.stage.teacher_stage} export under "
+                          f"{cfg.paths.output_dir}/{cfg.stage.teacher_stage}/; pass teacher_from=PATH.")
+    return found
+
+
+def build_critics(cfg: DictConfig) -> dict:
+    """Teacher (frozen), fake score (a trainable copy of it) and, when ``stage.gan_weight > 0``, the discriminator."""
+    if cfg.stage.name != "onpolicy":
+        return {}
+    source = resolve_teacher(cfg)
+    log.info("teacher and fake score initialised from %s", source)
+    teacher = FlowMapWanTransformer3DModel.from_pretrained(source)
+    fake_score = copy.deepcopy(teacher).requires_grad_(True)
+    discriminator = None
+    if cfg.stage.gan_weight > 0:
+        dim = teacher.config.num_attention_heads * teacher.config.attention_head_dim
+        blocks = list(cfg.stage.discriminator.feature_blocks)
+        if not blocks or max(blocks) >= teacher.config.num_layers or min(blocks) < 0:
+            raise ConfigError(f"stage.discriminator.feature_blocks={blocks} must name blocks 0..."
+                              f"{teacher.config.num_layers - 1} of the teacher.")
+        discriminator = instantiate(cfg.stage.discriminator, dim=dim, _convert_="all")
+    return {"teacher": teacher.requires_grad_(False), "fake_score": fake_score, "discriminator": discriminator}
+
+
 def build_module(cfg: DictConfig) -> AnyFlowModule:
     if cfg.stage.name not in STAGES:
         raise ConfigError(f"stage={cfg.stage.name!r} is unknown; use one of {', '.join(STAGES)}.")
     init = resolve_init(cfg)
     log.info("student initialised from %s", init or "random weights (scratch)")
     return AnyFlowModule(
+        **build_critics(cfg),
         stage=OmegaConf.to_container(cfg.stage, resolve=True),
         student=build_student(cfg, init),
         text_encoder=build_text_encoder(cfg, init),

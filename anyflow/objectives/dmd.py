@@ -1,0 +1,73 @@
+"""Distribution matching (DMD) for the on-policy stage (DESIGN §6, generator update).
+
+With ``x̂_0`` the student's sample, ``x_t`` its noised copy at ``t``, and the x0-predictions of the fake score
+and of the teacher (classifier-free guided as ``cond + s·(cond − uncond)``),
+
+    g    = (x̂_0^fake − x̂_0^real) / mean|x̂_0 − x̂_0^real|           (mean per sample; nan_to_num)
+    loss = dmd_weight · MSE(x̂_0, stopgrad(x̂_0 − g))              (float64)
+
+so that ``∂loss/∂x̂_0 = 2·dmd_weight·g / N`` (N elements): the student moves along the score difference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from anyflow.flow import add_noise, shift as time_shift, x0_from_velocity
+from anyflow.objectives.common import randn_like
+from anyflow.sampling import call_model
+
+
+def dmd_gradient(x0_hat: Tensor, x0_fake: Tensor, x0_real: Tensor) -> Tensor:
+    """``g = (x̂_0^fake − x̂_0^real) / mean|x̂_0 − x̂_0^real|`` per sample, in float64, NaNs zeroed."""
+    x0_hat, x0_fake, x0_real = x0_hat.double(), x0_fake.double(), x0_real.double()
+    normaliser = (x0_hat - x0_real).abs().flatten(1).mean(1).view(-1, *([1] * (x0_hat.ndim - 1)))
+    return torch.nan_to_num((x0_fake - x0_real) / normaliser)
+
+
+def dmd_loss(x0_hat: Tensor, x0_fake: Tensor, x0_real: Tensor, weight: float = 1.0) -> Tensor:
+    """``weight · MSE(x̂_0, stopgrad(x̂_0 − g))`` in float64 (gradient flows into ``x0_hat`` only)."""
+    g = dmd_gradient(x0_hat.detach(), x0_fake.detach(), x0_real.detach())
+    target = (x0_hat.detach().double() - g)
+    return weight * torch.nn.functional.mse_loss(x0_hat.double(), target)
+
+
+def sample_dmd_times(batch: int, *, shift: float, min_t: float, max_t: float, generator=None,
+                     device=None) -> Tensor:
+    """``t ~ U(0, 1)``, shifted, clamped to ``[min_t, max_t]``."""
+    device = generator.device if generator is not None else device
+    t = torch.rand(batch, generator=generator, device=device)
+    return time_shift(t, shift).clamp(min_t, max_t)
+
+
+def teacher_x0(teacher, x_t: Tensor, t: Tensor, embeds: Tensor, negative_embeds: Tensor | None,
+               guidance_scale: float) -> Tensor:
+    """Teacher x0-prediction with CFG ``cond + s·(cond − uncond)`` (one batched call); ``s = 0`` is cond only."""
+    if guidance_scale == 0 or negative_embeds is None:
+        v = call_model(teacher, x_t, t, t, embeds)
+    else:
+        both = call_model(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([t, t]),
+                          torch.cat([embeds, negative_embeds.expand_as(embeds)]))
+        cond, uncond = both.chunk(2)
+        v = cond + guidance_scale * (cond - uncond)
+    return x0_from_velocity(x_t, v, t)
+
+
+def dmd_generator_loss(x0_hat: Tensor, teacher, fake_score, embeds: Tensor, *,
+                       negative_embeds: Tensor | None = None, generator=None, weight: float = 1.0,
+                       shift: float = 1.0, min_t: float = 0.02, max_t: float = 0.98,
+                       real_guidance_scale: float = 3.0, t: Tensor | None = None,
+                       noise: Tensor | None = None) -> dict[str, Tensor]:
+    """The DMD generator loss of a student sample ``x0_hat`` (keeps its graph). Returns ``loss``, ``t``, ``g``."""
+    if t is None:
+        t = sample_dmd_times(x0_hat.shape[0], shift=shift, min_t=min_t, max_t=max_t, generator=generator,
+                             device=x0_hat.device).to(x0_hat.device)
+    if noise is None:
+        noise = randn_like(x0_hat, generator)
+    with torch.no_grad():
+        x_t = add_noise(x0_hat.detach(), noise, t)
+        x0_fake = x0_from_velocity(x_t, call_model(fake_score, x_t, t, t, embeds), t)
+        x0_real = teacher_x0(teacher, x_t, t, embeds, negative_embeds, real_guidance_scale)
+    return {"loss": dmd_loss(x0_hat, x0_fake, x0_real, weight), "t": t,
+            "g": dmd_gradient(x0_hat.detach(), x0_fake, x0_real)}
