@@ -129,7 +129,7 @@ class ShapesDataset(Dataset):
     ``length`` is nominal (procedural data never run out); train and validation differ by ``seed``.
     """
 
-    def __init__(self, seed: int = 0, frames: int = 8, size: int = 16, speed: tuple[float, float] = (0.8, 1.4),
+    def __init__(self, seed: int = 0, frames: int = 8, size: int = 16, speed: tuple[float, float] = (1.0, 1.4),
                  length: int = 2**31 - 1):
         if frames < 2 or size < 8:
             raise ValueError(f"shapes clips need frames >= 2 and size >= 8, got frames={frames}, size={size}.")
