@@ -17,15 +17,20 @@ def config_dir() -> Path:
 
 
 def wandb_offline() -> bool:
-    """True unless a wandb API key is configured (environment or ``wandb login``)."""
+    """True unless a wandb API key is configured (environment or ``wandb login``); never prompts."""
     try:
         import wandb
 
-        return not bool(wandb.api.api_key)
-    except Exception:  # no wandb, or no settings: stay offline
+        return not wandb.login(prompt=False, verify=False)
+    except Exception:  # no wandb, no key, or no settings: stay offline
         return True
 
 
+def wandb_mode() -> str:
+    """``offline`` or ``online`` for ``wandb.init(mode=…)``."""
+    return "offline" if wandb_offline() else "online"
+
+
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("anyflow.wandb_offline"):
-        OmegaConf.register_new_resolver("anyflow.wandb_offline", wandb_offline)
+    if not OmegaConf.has_resolver("anyflow.wandb_mode"):
+        OmegaConf.register_new_resolver("anyflow.wandb_mode", wandb_mode)

@@ -185,10 +185,10 @@ def write_results(rows: list[dict], out_dir: str | Path) -> dict[str, Path]:
 def log_to_wandb(rows: list[dict], files: dict[str, Path], out_dir: Path) -> None:
     import wandb
 
-    from anyflow.config import wandb_offline
+    from anyflow.config import wandb_mode
 
-    run = wandb.init(project="anyflow", job_type="evaluate", dir=str(out_dir),
-                     mode="offline" if wandb_offline() else "online", reinit="finish_previous")
+    run = wandb.init(project="anyflow", job_type="evaluate", dir=str(out_dir), mode=wandb_mode(),
+                     reinit="finish_previous")
     table = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
     run.log({"eval/results": table, "eval/quality_vs_nfe": wandb.Image(str(files["plot"]))})
     run.finish()

@@ -15,7 +15,6 @@ from omegaconf import open_dict
 from anyflow.config import config_dir, register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 register_resolvers()
@@ -52,8 +51,10 @@ def fast_overrides(tmp: Path, stage: str, *extra: str) -> list[str]:
 
 
 def run_cli(script: str, *args: str, cwd: Path = ROOT, timeout: int = 600):
+    """Run a repo script in a subprocess; wandb gets no key, so the default logger must pick offline itself."""
     import subprocess
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") or k == "WANDB_SILENT"}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, script, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env=env)
