@@ -32,6 +32,8 @@ class EMA(nn.Module):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     def _pairs(self, model: nn.Module):
+        if hasattr(model, "reshard"):  # FSDP2 keeps a root module's parameters unsharded after forward
+            model.reshard()
         params = dict(model.named_parameters())
         return [(getattr(self, _key(n)), params[n]) for n in self.names]
 

@@ -31,7 +31,9 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if any(isinstance(p, DTensor) for p in model.parameters()):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # gathered tensors may be views into a larger buffer, which safetensors refuses to write
+        return {k: v if v.untyped_storage().nbytes() == v.nbytes else v.clone() for k, v in state.items()}
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 

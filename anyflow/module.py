@@ -47,7 +47,7 @@ class AnyFlowModule(L.LightningModule):
                  latent_shape: list[int], shift: float = 1.0, negative_prompt: str = "", seed: int = 0,
                  optim: dict | None = None, ema: dict | None = None, teacher: nn.Module | None = None,
                  fake_score: nn.Module | None = None, discriminator: nn.Module | None = None,
-                 objective=None, sampling: dict | None = None):
+                 objective=None, sampling: dict | None = None, fsdp_param_dtype: str | None = None):
         super().__init__()
         self.stage = dict(stage)
         self.stage_name = self.stage["name"]
@@ -60,14 +60,37 @@ class AnyFlowModule(L.LightningModule):
         self.sampling = {"mode": "flowmap" if self.stage_name != "teacher" else "teacher", **(sampling or {})}
         self.objective = objective
         self.automatic_optimization = False
-        self.strict_loading = False  # frozen networks are not stored in checkpoints (see on_save_checkpoint)
+        self.strict_loading = False  # frozen networks are not stored in checkpoints (see state_dict)
         for name in FROZEN:
             module = getattr(self, name)
             if module is not None:
                 module.requires_grad_(False).eval()
-        ema = {"decay": 0.999, "warmup_steps": 0, **(ema or {})}
-        self.ema = EMA(self.student, ema["decay"], ema["warmup_steps"])
+        self.ema_cfg = {"decay": 0.999, "warmup_steps": 0, **(ema or {})}
+        self.ema = EMA(self.student, self.ema_cfg["decay"], self.ema_cfg["warmup_steps"])
+        self.fsdp_param_dtype = fsdp_param_dtype
+        self._sharded = False
         self._step_start = None
+
+    def configure_model(self) -> None:
+        """FSDP2 under Lightning's ``ModelParallelStrategy``: ``fully_shard`` every transformer block, then each
+        network (the frozen teacher too), over the data-parallel mesh. Other strategies leave the model as is."""
+        mesh = self.device_mesh
+        if mesh is None or self._sharded:
+            return
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy()
+        if self.fsdp_param_dtype is not None:
+            policy = MixedPrecisionPolicy(param_dtype=getattr(torch, self.fsdp_param_dtype), reduce_dtype=torch.float32)
+        for network in (self.student, self.fake_score, self.teacher):
+            if network is None:
+                continue
+            for block in network.blocks:
+                fully_shard(block, mesh=mesh["data_parallel"], mp_policy=policy)
+            fully_shard(network, mesh=mesh["data_parallel"], mp_policy=policy)
+        # the EMA shadow follows the (now sharded) parameters
+        self.ema = EMA(self.student, self.ema_cfg["decay"], self.ema_cfg["warmup_steps"]).to(self.device)
+        self._sharded = True
 
     # ------------------------------------------------------------------ setup
     def train(self, mode: bool = True):
@@ -261,12 +284,14 @@ class AnyFlowModule(L.LightningModule):
         return logs
 
     # ------------------------------------------------------------------ checkpoints, sampling, export
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Frozen networks are rebuilt from their configs; only what trains (and the EMA) is stored."""
-        state = checkpoint.get("state_dict")
-        if state is not None:
-            for key in [k for k in state if k.split(".", 1)[0] in FROZEN]:
-                del state[key]
+    def state_dict(self, *args, **kwargs):
+        """Everything that trains (and the EMA); frozen networks are rebuilt from their configs instead, so
+        checkpoints — plain or distributed — never carry a teacher or a text encoder."""
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        for key in [k for k in state if k[len(prefix):].split(".", 1)[0] in FROZEN]:
+            del state[key]
+        return state
 
     @torch.no_grad()
     def generate(self, prompts: list[str], nfe: int, *, seed: int = 0, use_ema: bool = True,

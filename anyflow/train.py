@@ -140,6 +140,7 @@ def build_module(cfg: DictConfig) -> AnyFlowModule:
         ema=OmegaConf.to_container(cfg.stage.ema, resolve=True),
         objective=instantiate(cfg.stage.objective),
         sampling={"mode": cfg.stage.sampling_mode},
+        fsdp_param_dtype=cfg.model.get("fsdp_param_dtype"),
     )
 
 

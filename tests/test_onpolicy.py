@@ -118,6 +118,7 @@ def test_onpolicy_updates_the_right_networks(pretrained):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             changed = _changed(self.before, _snapshot(pl_module))
             assert not changed["teacher"]
+            assert all(p.grad is None for p in pl_module.teacher.parameters())  # no gradient reaches it
             generator = pl_module.is_generator_iteration(trainer.global_step - 1)
             counts["generator" if generator else "critic"] += 1
             assert changed["student"] == generator and changed["ema"] == generator
