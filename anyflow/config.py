@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 
 def config_dir() -> Path:
-    """``conf/`` of a source checkout, else the copy installed as ``anyflow.conf``."""
-    repo = Path(__file__).resolve().parents[1] / "conf"
-    if (repo / "train.yaml").is_file():
-        return repo
-    return Path(str(resources.files("anyflow.conf")))
+    """``conf/`` of a source checkout, else the copy installed as ``anyflow/conf``."""
+    here = Path(__file__).resolve().parent
+    repo = here.parent / "conf"
+    return repo if (repo / "train.yaml").is_file() else here / "conf"
 
 
 def wandb_offline() -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from pathlib import Path
 
 import hydra
@@ -148,6 +149,11 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c]
     logger = instantiate(cfg.logger, _convert_="all") if cfg.get("logger") else False
     return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, _convert_="all")
+
+
+# Known and intended: checkpoints are taken after the optimizer step; frozen networks stay in eval mode.
+warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 def train(cfg: DictConfig) -> dict:

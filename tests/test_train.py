@@ -167,3 +167,19 @@ def test_ddp_two_cpu_processes(tmp_path):
                      f"hydra.run.dir={tmp_path}/outputs/pretrain/ddp")
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_metadata(tmp_path / "outputs" / "pretrain" / "ddp" / "export")["step"] == 2
+
+
+def test_installed_layout_finds_packaged_configs(tmp_path):
+    """Installed (non-editable) wheels carry conf/ as anyflow/conf; train.py's configs are found there."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(ROOT / "anyflow", tmp_path / "anyflow", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "conf", tmp_path / "anyflow" / "conf")
+    code = ("from anyflow.config import config_dir; import anyflow; d = config_dir(); "
+            "print(anyflow.__file__); print(d); assert (d / 'train.yaml').is_file()")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1] == str(tmp_path / "anyflow" / "conf")
