@@ -33,6 +33,7 @@ FROZEN = ("text_encoder", "autoencoder", "teacher")
 
 
 def _seed(*parts: int) -> int:
+    """A 63-bit seed mixing ``parts`` (one LCG step each): distinct streams per (seed, iteration, rank)."""
     value = 0x9E3779B97F4A7C15
     for part in parts:
         value = (value * 6364136223846793005 + int(part) + 1442695040888963407) % (1 << 63)
@@ -281,6 +282,7 @@ class AnyFlowModule(L.LightningModule):
             logs["train/grad_norm/discriminator"] = self._clip(list(self.discriminator.parameters()))
         optimizer.step()
         scheduler.step()
+        logs["train/lr_critic"] = scheduler.get_last_lr()[0]
         return logs
 
     # ------------------------------------------------------------------ checkpoints, sampling, export
