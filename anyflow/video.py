@@ -6,7 +6,6 @@ from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
-import torch
 from diffusers.utils import export_to_video
 from torch import Tensor
 
@@ -47,19 +46,7 @@ def contact_sheet(videos: Tensor, path: str | Path, pad: int = 4) -> Path:
     return path
 
 
-def read_video(path: str | Path) -> np.ndarray:
-    """``[F, H, W, 3]`` uint8; a clear error for a missing or corrupt file."""
-    try:
-        return np.stack(list(iio.imiter(path)))
-    except Exception as error:  # imageio raises many types for broken files
-        raise ValueError(f"cannot read video {str(path)!r} ({type(error).__name__}); re-encode it as mp4.") from error
-
-
 def slugify(text: str, limit: int = 48) -> str:
     keep = "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
     return "_".join(filter(None, keep.split("_")))[:limit] or "prompt"
 
-
-def grid_tensor(videos: list[Tensor]) -> Tensor:
-    """Stack clips ``[3, F, H, W]`` side by side along width (for NFE comparisons)."""
-    return torch.cat(videos, dim=-1)

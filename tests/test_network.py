@@ -141,3 +141,25 @@ def test_fastgen_remap():
     state = {"r_embedder.time_embedder.linear_1.weight": torch.ones(1), "blocks.0.x": torch.zeros(1)}
     out = remap_fastgen_state_dict(state)
     assert set(out) == {"condition_embedder.delta_embedder.linear_1.weight", "blocks.0.x"}
+
+
+def test_wan_autoencoder_normalises_latents(tmp_path):
+    """A tiny random AutoencoderKLWan saved as <pipeline>/vae: latents use Wan's latents_mean / latents_std."""
+    from diffusers import AutoencoderKLWan
+
+    from anyflow.models.autoencoder import WanAutoencoder
+
+    torch.manual_seed(0)
+    mean, std = [0.1, -0.2, 0.3, 0.0], [1.5, 2.0, 0.5, 1.0]
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, attn_scales=[],
+                           temperal_downsample=[True], latents_mean=mean, latents_std=std)
+    vae.save_pretrained(tmp_path / "Wan2.1-T2V-1.3B-Diffusers" / "vae")
+    ae = WanAutoencoder.from_pretrained(tmp_path / "Wan2.1-T2V-1.3B-Diffusers")
+    assert not any(p.requires_grad for p in ae.parameters())
+    video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    latents = ae.encode(video)
+    raw = vae.encode(video).latent_dist.mode()
+    expected = (raw - torch.tensor(mean).view(1, -1, 1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1, 1)
+    assert latents.shape == (1, 4, 3, 8, 8) and torch.allclose(latents, expected, atol=1e-5)
+    decoded = ae.decode(latents)
+    assert decoded.shape == video.shape and torch.allclose(decoded, vae.decode(raw).sample.clamp(-1, 1), atol=1e-5)
