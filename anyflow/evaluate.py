@@ -175,6 +175,7 @@ def write_results(rows: list[dict], out_dir: str | Path) -> dict[str, Path]:
         ax.set_xlabel("NFE")
         ax.set_title(title)
         ax.grid(alpha=0.3)
+    axes[2].set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "quality_vs_nfe.png", dpi=110)
