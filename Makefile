@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= outputs
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo teacher test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(PY)
 	$(PY) train.py experiment=demo_onpolicy paths.output_dir=$(OUT)
 	$(PY) sample.py nfe=4 paths.output_dir=$(OUT)
 	$(PY) -m anyflow.evaluate paths.output_dir=$(OUT)
+
+# Reproduce assets/toy_teacher (24k iterations, ~42 min on one core); its export lands in $(OUT)/teacher/.
+teacher: $(PY)
+	$(PY) train.py experiment=toy_teacher paths.output_dir=$(OUT)
 
 test: $(PY)
 	$(PY) -m pytest -q
