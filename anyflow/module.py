@@ -61,7 +61,6 @@ class AnyFlowModule(L.LightningModule):
         self.sampling = {"mode": "flowmap" if self.stage_name != "teacher" else "teacher", **(sampling or {})}
         self.objective = objective
         self.automatic_optimization = False
-        self.strict_loading = False  # frozen networks are not stored in checkpoints (see state_dict)
         for name in FROZEN:
             module = getattr(self, name)
             if module is not None:
@@ -294,6 +293,11 @@ class AnyFlowModule(L.LightningModule):
         for key in [k for k in state if k[len(prefix):].split(".", 1)[0] in FROZEN]:
             del state[key]
         return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Strict about everything a checkpoint carries; the frozen networks keep their config-built weights."""
+        frozen = {k: v for k, v in nn.Module.state_dict(self).items() if k.split(".", 1)[0] in FROZEN}
+        return super().load_state_dict({**frozen, **state_dict}, strict=strict, assign=assign)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], nfe: int, *, seed: int = 0, use_ema: bool = True,

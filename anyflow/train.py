@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -156,6 +157,19 @@ warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimiz
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
+def _state_dict_gist(error: Exception) -> str:
+    """The first problem of a ``load_state_dict`` error, e.g. ``missing student.blocks.1.… and 20 more``."""
+    for line in str(error).splitlines():
+        line = line.strip()
+        for label, word in (("Missing key(s)", "missing"), ("Unexpected key(s)", "unexpected")):
+            if line.startswith(label):
+                keys = re.findall(r'"([^"]+)"', line)
+                return f"{word} {keys[0]}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else "")
+        if line.startswith("size mismatch"):
+            return line.rstrip(".")
+    return type(error).__name__
+
+
 def train(cfg: DictConfig) -> dict:
     """Train one stage; returns the paths it wrote (``run_dir``, ``checkpoint``, ``export``, ``videos``)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -164,7 +178,13 @@ def train(cfg: DictConfig) -> dict:
     data = AnyFlowDataModule(instantiate(cfg.data.train, _convert_="all"), batch_size=cfg.data.batch_size,
                              num_workers=cfg.data.num_workers, seed=cfg.seed)
     trainer = build_trainer(cfg)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    except RuntimeError as error:
+        if ckpt is None or "loading state_dict" not in str(error):
+            raise
+        raise ConfigError(f"ckpt_path={ckpt} does not match this run's networks ({_state_dict_gist(error)}); "
+                          "resume with the stage and model overrides of the run that wrote it.") from None
 
     out = run_dir(cfg)
     paths = {"run_dir": out, "checkpoint": out / "checkpoints" / "last.ckpt", "export": out / "export",

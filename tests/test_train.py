@@ -183,3 +183,12 @@ def test_installed_layout_finds_packaged_configs(tmp_path):
                             env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1] == str(tmp_path / "anyflow" / "conf")
+
+
+def test_resuming_a_checkpoint_of_another_model_fails_clearly(teacher_run):
+    tmp, paths = teacher_run
+    cfg = compose_cfg("train", fast_overrides(tmp, "teacher", "init_from=scratch", "model.transformer.num_layers=2",
+                                              f"ckpt_path={paths['checkpoint']}"), run_dir=tmp / "mismatch")
+    expected = r"does not match this run's networks \(missing student\.blocks\.1\.\S+ and \d+ more\)"
+    with pytest.raises(ConfigError, match=expected):
+        train(cfg)
