@@ -234,7 +234,9 @@ class FlowMapWanTransformer3DModel(WanTransformer3DModel):
         base = WanTransformer3DModel.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = cls.from_config({**base.config, **flowmap_kwargs})
         missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
-        assert not unexpected and all(".delta_embedder." in k for k in missing), (missing, unexpected)
+        if unexpected or not all(".delta_embedder." in k for k in missing):
+            raise ValueError(f"{os.fspath(path)!r} is not a Wan transformer this model can grow a second time "
+                             f"embedding from (unexpected {unexpected[:3]}, missing {missing[:3]}).")
         model.condition_embedder.delta_embedder.load_state_dict(base.condition_embedder.time_embedder.state_dict())
         return model
 
