@@ -16,7 +16,7 @@ from torch import Tensor
 
 from anyflow.flow import add_noise, shift as time_shift, x0_from_velocity
 from anyflow.objectives.common import randn_like
-from anyflow.sampling import call_model
+from anyflow.sampling import call_model, guided
 
 
 def dmd_gradient(x0_hat: Tensor, x0_fake: Tensor, x0_real: Tensor) -> Tensor:
@@ -43,14 +43,9 @@ def sample_dmd_times(batch: int, *, shift: float, min_t: float, max_t: float, ge
 
 def teacher_x0(teacher, x_t: Tensor, t: Tensor, embeds: Tensor, negative_embeds: Tensor | None,
                guidance_scale: float) -> Tensor:
-    """Teacher x0-prediction with CFG ``cond + s·(cond − uncond)`` (one batched call); ``s = 0`` is cond only."""
-    if guidance_scale == 0 or negative_embeds is None:
-        v = call_model(teacher, x_t, t, t, embeds)
-    else:
-        both = call_model(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([t, t]),
-                          torch.cat([embeds, negative_embeds.expand_as(embeds)]))
-        cond, uncond = both.chunk(2)
-        v = cond + guidance_scale * (cond - uncond)
+    """Teacher x0-prediction with CFG ``cond + s·(cond − uncond)`` (= ``uncond + (1 + s)·(cond − uncond)``, one
+    batched call); ``s = 0`` is the conditional prediction alone."""
+    v = guided(teacher, x_t, t, t, embeds, negative_embeds, 1.0 + guidance_scale)
     return x0_from_velocity(x_t, v, t)
 
 
