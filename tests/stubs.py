@@ -44,3 +44,18 @@ class GaussianFlowMap(nn.Module):
         gap = (t - r).clamp_min(1e-12)
         average = x * (1 - self.s(r) / self.s(t)) / gap
         return (torch.where(t - r > 1e-9, average, velocity).to(hidden_states.dtype),)
+
+
+class DumpTrainable:
+    """A Lightning callback (built by Hydra in subprocess tests) that saves each rank's trainable weights."""
+
+    def __new__(cls, dirpath: str):
+        import lightning as L
+
+        class _Dump(L.Callback):
+            def on_train_end(self, trainer, module):
+                state = {k: v.detach().cpu() for k, v in module.state_dict().items()
+                         if k.startswith(("student.", "fake_score.", "ema."))}
+                torch.save(state, f"{dirpath}/rank{trainer.global_rank}.pt")
+
+        return _Dump()

@@ -159,8 +159,14 @@ def test_onpolicy_ddp_ranks_agree_on_rollout(pretrained):
     out = pretrained / "outputs" / "onpolicy" / "ddp"
     result = run_cli("train.py", *fast_overrides(pretrained, "onpolicy", "trainer=ddp", "trainer.accelerator=cpu",
                                                  "trainer.devices=2", "trainer.max_steps=4", "logger=csv", "trainer.log_every_n_steps=1",
-                                                 "stage.rollout_nfe=[1,2,4,8]"), f"hydra.run.dir={out}")
+                                                 "stage.rollout_nfe=[1,2,4,8]",
+                                                 "+callbacks.dump._target_=stubs.DumpTrainable",
+                                                 f"+callbacks.dump.dirpath={pretrained}"), f"hydra.run.dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
+    # gradients were averaged across ranks: both hold the same student, fake score and EMA
+    rank0, rank1 = (torch.load(pretrained / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and any(k.startswith("fake_score.") for k in rank0)
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     import csv
 
     rows = list(csv.DictReader(open(next(out.glob("logs/version_*/metrics.csv")))))

@@ -163,9 +163,13 @@ def test_ddp_two_cpu_processes(tmp_path):
     ckpt = torch.load(tmp_path / "outputs" / "teacher" / "ddp" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3
     result = run_cli("train.py", *fast_overrides(tmp_path, "pretrain", "trainer=ddp", "trainer.accelerator=cpu",
-                                                 "trainer.devices=2", "trainer.max_steps=2"),
+                                                 "trainer.devices=2", "trainer.max_steps=2",
+                                                 "+callbacks.dump._target_=stubs.DumpTrainable",
+                                                 f"+callbacks.dump.dirpath={tmp_path}"),
                      f"hydra.run.dir={tmp_path}/outputs/pretrain/ddp")
     assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # gradients averaged across the ranks
     assert read_metadata(tmp_path / "outputs" / "pretrain" / "ddp" / "export")["step"] == 2
 
 
