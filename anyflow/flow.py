@@ -144,9 +144,13 @@ def dist_rank_world(rank: int | None = None, world_size: int | None = None) -> t
     return rank, world_size
 
 
-def derivative_times(t: Tensor, delta: float) -> tuple[Tensor, Tensor]:
-    """The central-difference pair ``(t − δ, t + δ)``, using the interval that stays inside [0, 1]."""
-    return (t - delta).clamp(0.0, 1.0), (t + delta).clamp(0.0, 1.0)
+def derivative_times(t: Tensor, delta: float, r: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The central-difference pair ``(t − δ, t + δ)``, using the interval that stays inside [0, 1] and, given
+    ``r``, inside the flow map's domain ``t' ≥ r``."""
+    low = (t - delta).clamp(0.0, 1.0)
+    if r is not None:
+        low = torch.maximum(low, r)
+    return low, (t + delta).clamp(0.0, 1.0)
 
 
 def mean_flow_target(v: Tensor, t: Tensor, r: Tensor, dudt: Tensor) -> Tensor:

@@ -66,17 +66,21 @@ class AnyFlowModule(L.LightningModule):
             if module is not None:
                 module.requires_grad_(False).eval()
         self.ema_cfg = {"decay": 0.999, "warmup_steps": 0, **(ema or {})}
-        self.ema = EMA(self.student, self.ema_cfg["decay"], self.ema_cfg["warmup_steps"])
+        self.ema: EMA | None = None  # built in configure_model, after any sharding
         self.fsdp_param_dtype = fsdp_param_dtype
         self._sharded = False
         self._step_start = None
 
     def configure_model(self) -> None:
-        """FSDP2 under Lightning's ``ModelParallelStrategy``: ``fully_shard`` every transformer block, then each
-        network (the frozen teacher too), over the data-parallel mesh. Other strategies leave the model as is."""
-        mesh = self.device_mesh
-        if mesh is None or self._sharded:
-            return
+        """Build the EMA. Under Lightning's ``ModelParallelStrategy`` (FSDP2) first ``fully_shard`` every
+        transformer block, then each network (the frozen teacher and the discriminator too), over the
+        data-parallel mesh, so that the EMA shadow is sharded like the student."""
+        if self.device_mesh is not None and not self._sharded:
+            self._shard(self.device_mesh["data_parallel"])
+        if self.ema is None:
+            self.ema = EMA(self.student, self.ema_cfg["decay"], self.ema_cfg["warmup_steps"]).to(self.device)
+
+    def _shard(self, mesh) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         policy = MixedPrecisionPolicy()
@@ -86,10 +90,10 @@ class AnyFlowModule(L.LightningModule):
             if network is None:
                 continue
             for block in network.blocks:
-                fully_shard(block, mesh=mesh["data_parallel"], mp_policy=policy)
-            fully_shard(network, mesh=mesh["data_parallel"], mp_policy=policy)
-        # the EMA shadow follows the (now sharded) parameters
-        self.ema = EMA(self.student, self.ema_cfg["decay"], self.ema_cfg["warmup_steps"]).to(self.device)
+                fully_shard(block, mesh=mesh, mp_policy=policy)
+            fully_shard(network, mesh=mesh, mp_policy=policy)
+        if self.discriminator is not None:  # nothing else would average its gradients across ranks
+            fully_shard(self.discriminator, mesh=mesh)
         self._sharded = True
 
     # ------------------------------------------------------------------ setup

@@ -95,3 +95,8 @@ def test_derivative_times_stay_inside():
     lo, hi = flow.derivative_times(torch.tensor([0.001, 0.5, 0.999]), 0.005)
     assert lo.tolist() == pytest.approx([0.0, 0.495, 0.994])
     assert hi.tolist() == pytest.approx([0.006, 0.505, 1.0])
+
+
+def test_derivative_times_respect_r():
+    lo, hi = flow.derivative_times(torch.tensor([0.5, 0.5]), 0.005, r=torch.tensor([0.498, 0.1]))
+    assert lo.tolist() == pytest.approx([0.498, 0.495]) and hi.tolist() == pytest.approx([0.505, 0.505])

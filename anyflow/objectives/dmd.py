@@ -26,11 +26,14 @@ def dmd_gradient(x0_hat: Tensor, x0_fake: Tensor, x0_real: Tensor) -> Tensor:
     return torch.nan_to_num((x0_fake - x0_real) / normaliser)
 
 
+def surrogate_loss(x0_hat: Tensor, g: Tensor, weight: float = 1.0) -> Tensor:
+    """``weight · MSE(x̂_0, stopgrad(x̂_0 − g))`` in float64: its gradient w.r.t. ``x̂_0`` is ``2·weight·g/N``."""
+    return weight * torch.nn.functional.mse_loss(x0_hat.double(), x0_hat.detach().double() - g.detach())
+
+
 def dmd_loss(x0_hat: Tensor, x0_fake: Tensor, x0_real: Tensor, weight: float = 1.0) -> Tensor:
     """``weight · MSE(x̂_0, stopgrad(x̂_0 − g))`` in float64 (gradient flows into ``x0_hat`` only)."""
-    g = dmd_gradient(x0_hat.detach(), x0_fake.detach(), x0_real.detach())
-    target = (x0_hat.detach().double() - g)
-    return weight * torch.nn.functional.mse_loss(x0_hat.double(), target)
+    return surrogate_loss(x0_hat, dmd_gradient(x0_hat.detach(), x0_fake.detach(), x0_real.detach()), weight)
 
 
 def sample_dmd_times(batch: int, *, shift: float, min_t: float, max_t: float, generator=None,
@@ -64,5 +67,5 @@ def dmd_generator_loss(x0_hat: Tensor, teacher, fake_score, embeds: Tensor, *,
         x_t = add_noise(x0_hat.detach(), noise, t)
         x0_fake = x0_from_velocity(x_t, call_model(fake_score, x_t, t, t, embeds), t)
         x0_real = teacher_x0(teacher, x_t, t, embeds, negative_embeds, real_guidance_scale)
-    return {"loss": dmd_loss(x0_hat, x0_fake, x0_real, weight), "t": t,
-            "g": dmd_gradient(x0_hat.detach(), x0_fake, x0_real)}
+    g = dmd_gradient(x0_hat.detach(), x0_fake, x0_real)
+    return {"loss": surrogate_loss(x0_hat, g, weight), "t": t, "g": g}

@@ -5,7 +5,7 @@ For ``(t, r)`` with ``r ≤ t``, ``x_t = (1 − t)·x_0 + t·ε`` and ``v = ε �
     u(x_t, t, r) = v − (t − r)·dU/dt,
     dU/dt ≈ [u_θ(x_t + δ·v, t + δ, r) − u_θ(x_t − δ·v, t − δ, r)] / (2δ)     (no gradient, current weights)
 
-(the one-sided interval that stays inside [0, 1] near the ends). With guidance fusion at scale ``w`` the
+(the one-sided interval that stays inside [0, 1] near the ends, and above ``r`` when ``t − r < δ``). With guidance fusion at scale ``w`` the
 prediction in the loss is ``(u_θ(x_t,t,r|c) − (1 − w)·u_∅) / w`` and ``dU/dt`` is divided by ``w``. The loss
 is a per-sample MSE times ``w(t)``; samples with ``r ≠ t`` are rescaled (scale detached) to the global mean
 loss of the diffusion samples (``r = t``). All no-gradient forwards of a step run as one batched call.
@@ -43,7 +43,7 @@ def no_grad_forwards(model, x_t: Tensor, v: Tensor, t: Tensor, r: Tensor, embeds
                      negative_embeds: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """``dU/dt`` by central difference and, when ``negative_embeds`` is given, ``u_∅(x_t, t, r)``,
     computed in **one** batched network call without gradient."""
-    t_lo, t_hi = derivative_times(t, delta)
+    t_lo, t_hi = derivative_times(t, delta, r)
     x_hi = x_t + expand_like(t_hi - t, x_t) * v
     x_lo = x_t - expand_like(t - t_lo, x_t) * v
     xs, ts, rs, es = [x_hi, x_lo], [t_hi, t_lo], [r, r], [embeds, embeds]
