@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from anyflow.config import config_dir, register_resolvers
-from anyflow.data.shapes import BACKGROUND, COLOURS, DIRECTIONS, ShapesDataset, parse_caption, prompt_set
+from anyflow.data.shapes import COLOURS, DIRECTIONS, ShapesDataset, parse_caption, prompt_set
 from anyflow.export import newest_export
 
 FOREGROUND = 0.4  # a pixel is foreground when its brightest channel exceeds this (background ≈ 0.08)

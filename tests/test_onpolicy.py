@@ -158,7 +158,8 @@ def test_onpolicy_ddp_ranks_agree_on_rollout(pretrained):
     """2 CPU processes (gloo): draw_rollout all-gathers (nfe, split) and asserts that the ranks agree."""
     out = pretrained / "outputs" / "onpolicy" / "ddp"
     result = run_cli("train.py", *fast_overrides(pretrained, "onpolicy", "trainer=ddp", "trainer.accelerator=cpu",
-                                                 "trainer.devices=2", "trainer.max_steps=4", "logger=csv", "trainer.log_every_n_steps=1",
+                                                 "trainer.devices=2", "trainer.max_steps=4", "logger=csv",
+                                                 "trainer.log_every_n_steps=1",
                                                  "stage.rollout_nfe=[1,2,4,8]",
                                                  "+callbacks.dump._target_=stubs.DumpTrainable",
                                                  f"+callbacks.dump.dirpath={pretrained}"), f"hydra.run.dir={out}")

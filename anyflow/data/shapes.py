@@ -24,7 +24,9 @@ COLOURS: dict[str, tuple[float, float, float]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 # unit displacement per frame as (dy, dx) in image coordinates (y grows downwards)
-DIRECTIONS: dict[str, tuple[float, float]] = {"left": (0.0, -1.0), "right": (0.0, 1.0), "up": (-1.0, 0.0), "down": (1.0, 0.0)}
+DIRECTIONS: dict[str, tuple[float, float]] = {
+    "left": (0.0, -1.0), "right": (0.0, 1.0), "up": (-1.0, 0.0), "down": (1.0, 0.0),
+}
 BACKGROUND = 0.08
 
 

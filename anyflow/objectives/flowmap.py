@@ -3,12 +3,12 @@
 For ``(t, r)`` with ``r ≤ t``, ``x_t = (1 − t)·x_0 + t·ε`` and ``v = ε − x_0``, the average velocity obeys
 
     u(x_t, t, r) = v − (t − r)·dU/dt,
-    dU/dt ≈ [u_θ(x_t + δ·v, t + δ, r) − u_θ(x_t − δ·v, t − δ, r)] / (2δ)     (no gradient, current weights)
+    dU/dt ≈ [u_θ(x_t + δ·v, t + δ, r) − u_θ(x_t − δ·v, t − δ, r)] / (2δ)   (no gradient, current weights)
 
-(the one-sided interval that stays inside [0, 1] near the ends, and above ``r`` when ``t − r < δ``). With guidance fusion at scale ``w`` the
-prediction in the loss is ``(u_θ(x_t,t,r|c) − (1 − w)·u_∅) / w`` and ``dU/dt`` is divided by ``w``. The loss
-is a per-sample MSE times ``w(t)``; samples with ``r ≠ t`` are rescaled (scale detached) to the global mean
-loss of the diffusion samples (``r = t``). All no-gradient forwards of a step run as one batched call.
+(the one-sided interval that stays inside [0, 1] near the ends, and above ``r`` when ``t − r < δ``).
+With guidance fusion at scale ``w`` the prediction in the loss is ``(u_θ(x_t,t,r|c) − (1 − w)·u_∅) / w``
+and ``dU/dt`` is divided by ``w``. The loss is a per-sample MSE times ``w(t)``; samples with ``r ≠ t`` are
+rescaled (scale detached) to the global mean loss of the diffusion samples (``r = t``). All no-gradient forwards of a step run as one batched call.
 """
 
 from __future__ import annotations
@@ -28,14 +28,7 @@ from anyflow.flow import (
     time_weight,
     velocity,
 )
-from anyflow.objectives.common import (
-    all_reduce_sum,
-    drop_text,
-    fuse_guidance,
-    guidance_weights,
-    per_sample_mse,
-    randn_like,
-)
+from anyflow.objectives.common import all_reduce_sum, condition, fuse_guidance, per_sample_mse, randn_like
 from anyflow.sampling import call_model
 
 
@@ -59,8 +52,8 @@ def rescale_to_diffusion_mean(per_sample: Tensor, is_diffusion: Tensor,
                               all_reduce: Callable[[Tensor], Tensor] | None = None, eps: float = 1e-12) -> Tensor:
     """Rescale (scale detached) every ``r ≠ t`` sample's loss to the global mean loss of the ``r = t`` samples.
 
-    ``all_reduce`` sums a tensor over ranks (default: torch.distributed when initialised). No rescaling when the global batch
-    holds no diffusion sample.
+    ``all_reduce`` sums a tensor over ranks (default: torch.distributed when initialised). No rescaling when
+    the global batch holds no diffusion sample.
     """
     stats = torch.stack([(per_sample.detach() * is_diffusion).sum(), is_diffusion.sum().to(per_sample.dtype)])
     stats = (all_reduce or all_reduce_sum)(stats)
@@ -96,10 +89,8 @@ def flowmap_loss(model, x0: Tensor, prompt_embeds: Tensor, *, noise: Tensor | No
         raise ValueError("flow-map times need r <= t for every sample.")
     if noise is None:
         noise = randn_like(x0, generator)
-    embeds, dropped = drop_text(prompt_embeds, negative_embeds, drop_text_ratio, generator)
-    w = guidance_weights(batch, guidance_scale, dropped)
-    if w is not None and negative_embeds is None:
-        raise ValueError("guidance fusion needs negative_embeds (the negative-prompt embedding).")
+    embeds, w = condition(prompt_embeds, negative_embeds, drop_text_ratio=drop_text_ratio,
+                          guidance_scale=guidance_scale, generator=generator)
 
     x_t, v = add_noise(x0, noise, t), velocity(x0, noise)
     dudt, uncond = no_grad_forwards(model, x_t, v, t, r, embeds, delta, negative_embeds if w is not None else None)

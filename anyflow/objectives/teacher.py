@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from anyflow.flow import add_noise, dist_rank_world, logit_normal, shift as time_shift, time_weight, velocity
-from anyflow.objectives.common import drop_text, fuse_guidance, guidance_weights, per_sample_mse, randn_like
+from anyflow.objectives.common import condition, fuse_guidance, per_sample_mse, randn_like
 from anyflow.sampling import call_model
 
 
@@ -34,13 +34,11 @@ def flow_matching_loss(model, x0: Tensor, prompt_embeds: Tensor, *, noise: Tenso
         rank, world_size = dist_rank_world(rank, world_size)
         t = logit_normal(batch * world_size, generator=time_generator)[rank * batch : (rank + 1) * batch]
         t = time_shift(t, shift).to(x0.device)
-    embeds, dropped = drop_text(prompt_embeds, negative_embeds, drop_text_ratio, generator)
+    embeds, w = condition(prompt_embeds, negative_embeds, drop_text_ratio=drop_text_ratio,
+                          guidance_scale=guidance_scale, generator=generator)
     x_t, target = add_noise(x0, noise, t), velocity(x0, noise)
     prediction = call_model(model, x_t, t, t, embeds)
-    w = guidance_weights(batch, guidance_scale, dropped)
     if w is not None:
-        if negative_embeds is None:
-            raise ValueError("guidance fusion needs negative_embeds (the negative-prompt embedding).")
         with torch.no_grad():
             uncond = call_model(model, x_t, t, t, negative_embeds.expand_as(prompt_embeds))
         prediction = fuse_guidance(prediction, uncond, w)
