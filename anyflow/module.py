@@ -16,7 +16,6 @@ resumed run continues exactly like an uninterrupted one.
 from __future__ import annotations
 
 import time
-from functools import partial
 
 import lightning as L
 import torch
@@ -27,7 +26,7 @@ from anyflow.export import atomic_folder_write, full_state_dict, save_transforme
 from anyflow.flow import add_noise, logit_normal, shift as time_shift
 from anyflow.objectives import dmd_generator_loss, flow_matching_loss, gan_discriminator_loss, gan_generator_loss
 from anyflow.objectives.common import randn_like
-from anyflow.sampling import backward_simulation, sample
+from anyflow.sampling import Sampler, backward_simulation
 
 FROZEN = ("text_encoder", "autoencoder", "teacher")
 
@@ -304,26 +303,19 @@ class AnyFlowModule(L.LightningModule):
         return super().load_state_dict({**frozen, **state_dict}, strict=strict, assign=assign)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], nfe: int, *, seed: int = 0, use_ema: bool = True,
-                 guidance_scale: float = 1.0, progress: bool = False) -> Tensor:
-        """Videos ``[B, 3, F, H, W]`` in [-1, 1] for ``prompts`` with the (EMA) student at ``nfe`` steps."""
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn(len(prompts), *self.latent_shape, generator=generator).to(self.device)
-        embeds = self.text_encoder.encode(prompts).to(self.device)
-        negative = self.negative_embeds() if guidance_scale != 1.0 else None
-        run = partial(sample, self.student, noise, embeds, nfe, self.shift, mode=self.sampling["mode"],
-                      guidance_scale=guidance_scale, negative_embeds=negative, progress=progress)
+    def generate(self, prompts: list[str], nfe: int, *, seed: int = 0, guidance_scale: float = 1.0,
+                 progress: bool = False) -> Tensor:
+        """Videos ``[B, 3, F, H, W]`` in [-1, 1] for ``prompts`` with the EMA student at ``nfe`` steps."""
+        meta = {"latent_shape": self.latent_shape, "shift": self.shift, "mode": self.sampling["mode"],
+                "negative_prompt": self.negative_prompt}
+        sampler = Sampler(self.student, self.text_encoder, self.autoencoder, meta)
         was_training = self.student.training
         self.student.eval()
         try:
-            if use_ema:
-                with self.ema.swapped(self.student):
-                    latents = run()
-            else:
-                latents = run()
+            with self.ema.swapped(self.student):
+                return sampler(prompts, nfe, seed=seed, guidance_scale=guidance_scale, progress=progress)
         finally:
             self.student.train(was_training)
-        return self.autoencoder.decode(latents).clamp(-1, 1)
 
     def export(self, folder, metadata: dict) -> None:
         """Write the EMA student (Diffusers format), the text encoder and ``anyflow.json`` to ``folder``.

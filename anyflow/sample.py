@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -16,7 +15,7 @@ from anyflow.export import check_export, newest_export, read_metadata
 from anyflow.models import FlowMapWanTransformer3DModel
 from anyflow.models.autoencoder import IdentityAutoencoder, WanAutoencoder
 from anyflow.models.text_encoder import UMT5TextEncoder
-from anyflow.sampling import sample
+from anyflow.sampling import Sampler
 from anyflow.video import contact_sheet, slugify, write_video
 
 log = logging.getLogger("anyflow")
@@ -25,36 +24,6 @@ SEARCH_ORDER = ("onpolicy", "pretrain", "teacher")
 
 class SampleError(ValueError):
     """Bad sampling input; the message is one sentence naming the value and the fix."""
-
-
-@dataclass
-class Sampler:
-    """An export loaded for sampling."""
-
-    transformer: torch.nn.Module
-    text_encoder: UMT5TextEncoder
-    autoencoder: torch.nn.Module
-    meta: dict
-    path: Path
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str], nfe: int, *, seed: int = 0, mode: str | None = None,
-                 guidance_scale: float = 1.0, negative_prompt: str | None = None, progress: bool = True,
-                 noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Videos ``[B, 3, F, H, W]`` in [-1, 1]; noise from ``seed`` (one draw per prompt, in order)."""
-        device = next(self.transformer.parameters()).device
-        if noise is None:
-            generator = torch.Generator().manual_seed(seed)
-            noise = torch.randn(len(prompts), *self.meta["latent_shape"], generator=generator)
-        embeds = self.text_encoder.encode(prompts).to(device)
-        negative = None
-        if guidance_scale != 1.0:
-            text = self.meta.get("negative_prompt", "") if negative_prompt is None else negative_prompt
-            negative = self.text_encoder.encode([text]).to(device)
-        latents = sample(self.transformer, noise.to(device), embeds, nfe, self.meta.get("shift", 1.0),
-                         mode=mode or self.meta.get("mode", "flowmap"), guidance_scale=guidance_scale,
-                         negative_embeds=negative, progress=progress)
-        return self.autoencoder.decode(latents).clamp(-1, 1)
 
 
 def _mismatch(error: Exception) -> str:

@@ -6,6 +6,9 @@ Networks are called only through :func:`call_model`, i.e. the forward signature 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -73,3 +76,34 @@ def backward_simulation(model, noise: Tensor, prompt_embeds: Tensor, nfe: int, s
         u = guided(model, x, t, r, prompt_embeds, negative_embeds, guidance_scale)
         x = flow_map_step(x, u, t.expand(batch), r.expand(batch))
     return x
+
+
+@dataclass
+class Sampler:
+    """Text encoder + flow map + autoencoder, ready to turn prompts into videos (an export, or a training
+    module's networks). ``meta`` holds ``latent_shape``, ``shift``, ``mode`` and ``negative_prompt``."""
+
+    transformer: torch.nn.Module
+    text_encoder: torch.nn.Module
+    autoencoder: torch.nn.Module
+    meta: dict
+    path: Path | None = None
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], nfe: int, *, seed: int = 0, mode: str | None = None,
+                 guidance_scale: float = 1.0, negative_prompt: str | None = None, progress: bool = True,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Videos ``[B, 3, F, H, W]`` in [-1, 1]; noise from ``seed`` (one draw per prompt, in order)."""
+        device = next(self.transformer.parameters()).device
+        if noise is None:
+            generator = torch.Generator().manual_seed(seed)
+            noise = torch.randn(len(prompts), *self.meta["latent_shape"], generator=generator)
+        embeds = self.text_encoder.encode(prompts).to(device)
+        negative = None
+        if guidance_scale != 1.0:
+            text = self.meta.get("negative_prompt", "") if negative_prompt is None else negative_prompt
+            negative = self.text_encoder.encode([text]).to(device)
+        latents = sample(self.transformer, noise.to(device), embeds, nfe, self.meta.get("shift", 1.0),
+                         mode=mode or self.meta.get("mode", "flowmap"), guidance_scale=guidance_scale,
+                         negative_embeds=negative, progress=progress)
+        return self.autoencoder.decode(latents).clamp(-1, 1)
