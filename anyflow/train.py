@@ -128,15 +128,16 @@ def build_module(cfg: DictConfig) -> AnyFlowModule:
         raise ConfigError(f"stage={cfg.stage.name!r} is unknown; use one of {', '.join(STAGES)}.")
     init = resolve_init(cfg)
     log.info("student initialised from %s", init or "random weights (scratch)")
+    autoencoder = instantiate(cfg.model.autoencoder)
     return AnyFlowModule(
         **build_critics(cfg),
         stage=OmegaConf.to_container(cfg.stage, resolve=True),
         student=build_student(cfg, init),
         text_encoder=build_text_encoder(cfg, init),
-        autoencoder=instantiate(cfg.model.autoencoder),
-        latent_shape=list(cfg.model.latent_shape),
+        autoencoder=autoencoder,
+        latent_shape=autoencoder.latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width),
         shift=cfg.model.shift,
-        negative_prompt=cfg.negative_prompt,
+        negative_prompt=cfg.model.negative_prompt,
         seed=cfg.seed,
         optim=OmegaConf.to_container(cfg.stage.optim, resolve=True),
         ema=OmegaConf.to_container(cfg.stage.ema, resolve=True),

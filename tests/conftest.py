@@ -43,7 +43,7 @@ def compose_cfg(config_name: str, overrides: list[str], run_dir: Path | None = N
 def fast_overrides(tmp: Path, stage: str, *extra: str) -> list[str]:
     """A few iterations of the tiny toy in ``tmp``: batch 2, 4×8×8 clips."""
     return [f"stage={stage}", "trainer=cpu", "logger=none", f"paths.output_dir={tmp}/outputs", "trainer.max_steps=4",
-            "data.batch_size=2", "data.frames=4", "data.size=8", "model.transformer.num_layers=1",
+            "data.batch_size=2", "data.num_frames=4", "data.size=8", "model.transformer.num_layers=1",
             "model.transformer.patch_size=[2,4,4]", "callbacks.checkpoint.every_n_train_steps=2",
             "callbacks.export.every_n_steps=0", "callbacks.samples.every_n_steps=0",
             "callbacks.samples.prompts=[a red circle moving left]", "callbacks.samples.nfe=[1,2]",

@@ -117,7 +117,7 @@ def test_train_py_and_sample_py_end_to_end(teacher_run, tmp_path):
     videos = sorted(out.glob("*.mp4"))
     assert len(videos) == 2 and all(str(v) in result.stdout for v in videos)
     frames = iio.imread(videos[0], index=None)
-    assert frames.shape[0] == 4  # data.frames=4
+    assert frames.shape[0] == 4  # data.num_frames=4
     sheet = iio.imread(out / "contact_sheet_nfe2.png")
     assert sheet.shape[0] > sheet.shape[1] / 4 / 2  # two rows of four frames
 

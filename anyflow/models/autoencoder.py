@@ -11,6 +11,9 @@ from torch import Tensor, nn
 class IdentityAutoencoder(nn.Module):
     """Pixel space (the embedded toy): latents are the pixels."""
 
+    def latent_shape(self, num_frames: int, height: int, width: int) -> list[int]:
+        return [3, int(num_frames), int(height), int(width)]
+
     def encode(self, video: Tensor) -> Tensor:
         return video
 
@@ -37,6 +40,19 @@ class WanAutoencoder(nn.Module):
 
     def train(self, mode: bool = True):
         return super().train(False)
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> list[int]:
+        """``[z_dim, (F − 1)/4 + 1, H/8, W/8]`` for Wan2.1's VAE; ``F − 1`` must be a multiple of 4, ``H`` and ``W``
+        of 8."""
+        temporal, spatial = self.vae.config.scale_factor_temporal, self.vae.config.scale_factor_spatial
+        if (int(num_frames) - 1) % temporal:
+            raise ValueError(f"num_frames={num_frames} does not fit the Wan VAE: num_frames − 1 must be a multiple of "
+                             f"{temporal} (e.g. {(int(num_frames) - 1) // temporal * temporal + 1} or 81).")
+        if int(height) % spatial or int(width) % spatial:
+            raise ValueError(f"height={height}, width={width} do not fit the Wan VAE: both must be multiples of "
+                             f"{spatial} (e.g. 480×832).")
+        return [self.vae.config.z_dim, (int(num_frames) - 1) // temporal + 1, int(height) // spatial,
+                int(width) // spatial]
 
     @torch.no_grad()
     def encode(self, video: Tensor) -> Tensor:

@@ -54,7 +54,7 @@ def teacher_x0(teacher, x_t: Tensor, t: Tensor, embeds: Tensor, negative_embeds:
 
 def dmd_generator_loss(x0_hat: Tensor, teacher, fake_score, embeds: Tensor, *,
                        negative_embeds: Tensor | None = None, generator=None, weight: float = 1.0,
-                       shift: float = 1.0, min_t: float = 0.02, max_t: float = 0.98,
+                       shift: float = 1.0, min_t: float = 0.0, max_t: float = 1.0,
                        real_guidance_scale: float = 3.0, t: Tensor | None = None,
                        noise: Tensor | None = None) -> dict[str, Tensor]:
     """The DMD generator loss of a student sample ``x0_hat`` (keeps its graph). Returns ``loss``, ``t``, ``g``."""
