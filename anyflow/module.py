@@ -47,7 +47,8 @@ class AnyFlowModule(L.LightningModule):
                  latent_shape: list[int], shift: float = 1.0, negative_prompt: str = "", seed: int = 0,
                  optim: dict | None = None, ema: dict | None = None, teacher: nn.Module | None = None,
                  fake_score: nn.Module | None = None, discriminator: nn.Module | None = None,
-                 objective=None, sampling: dict | None = None, fsdp_param_dtype: str | None = None):
+                 objective=None, sampling: dict | None = None, fsdp_param_dtype: str | None = None,
+                 negative_embeds: Tensor | None = None):
         super().__init__()
         self.stage = dict(stage)
         self.stage_name = self.stage["name"]
@@ -67,6 +68,11 @@ class AnyFlowModule(L.LightningModule):
         self.ema_cfg = {"decay": 0.999, "warmup_steps": 0, **(ema or {})}
         self.ema: EMA | None = None  # built in configure_model, after any sharding
         self.fsdp_param_dtype = fsdp_param_dtype
+        # the negative-prompt embedding [1, L, D] (text dropout, guidance fusion, CFG): given (e.g. from a latent
+        # cache) or encoded once here; a buffer, so it follows the module's device but is never checkpointed
+        if negative_embeds is None:
+            negative_embeds = text_encoder.encode([negative_prompt])
+        self.register_buffer("negative_embedding", negative_embeds.detach().clone(), persistent=False)
         self._sharded = False
         self._step_start = None
 
@@ -141,7 +147,8 @@ class AnyFlowModule(L.LightningModule):
         return x0.to(self.device), embeds.to(self.device)
 
     def negative_embeds(self) -> Tensor:
-        return self.text_encoder.encode([self.negative_prompt]).to(self.device)
+        """The negative-prompt embedding ``[1, L, D]``, encoded once at construction."""
+        return self.negative_embedding
 
     def _clip(self, params) -> Tensor:
         """Clip to ``optim.clip`` (max norm); returns the norm before clipping."""
