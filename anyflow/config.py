@@ -14,6 +14,18 @@ def config_dir() -> Path:
     return repo if (repo / "train.yaml").is_file() else here / "conf"
 
 
+def as_dtype(name):
+    """``"bfloat16"`` → ``torch.bfloat16`` (configs name dtypes as strings); ``None`` and dtypes pass through."""
+    import torch
+
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype {name!r} is not a torch dtype; use float32, bfloat16 or float16.")
+    return dtype
+
+
 def wandb_offline() -> bool:
     """True unless a wandb API key is configured (environment or ``wandb login``); never prompts."""
     try:
@@ -32,3 +44,7 @@ def wandb_mode() -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("anyflow.wandb_mode"):
         OmegaConf.register_new_resolver("anyflow.wandb_mode", wandb_mode)
+    if not OmegaConf.has_resolver("anyflow.wan_negative_prompt"):
+        from anyflow.models.pipeline import WAN_NEGATIVE_PROMPT
+
+        OmegaConf.register_new_resolver("anyflow.wan_negative_prompt", lambda: WAN_NEGATIVE_PROMPT)

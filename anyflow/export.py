@@ -6,6 +6,10 @@ An export is a folder::
     text_encoder/, tokenizer/                                          (the prompt encoder it was trained with)
     anyflow.json                                                       (stage, latent shape, shift, step, …)
 
+and, for Wan models, a whole pipeline folder in the released AnyFlow layout: also ``vae/``, ``scheduler/``
+(``FlowMapDiscreteScheduler`` with the shift) and ``model_index.json``, with the transformer config naming the
+official class (see :mod:`anyflow.models.pipeline`). The frozen parts are hard-linked from the model folder.
+
 ``FlowMapWanTransformer3DModel.from_pretrained(export)`` loads it directly. Exports are written to a
 temporary sibling folder and moved into place, so a crash never leaves a half-written export.
 """
@@ -37,14 +41,33 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def save_transformer(model, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """``config.json`` + safetensors shards in the Diffusers layout."""
+def save_transformer(model, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
+                     dtype: torch.dtype | None = None) -> None:
+    """``config.json`` + safetensors shards in the Diffusers layout (weights cast to ``dtype`` when given)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_config(folder)
     state_dict = state_dict if state_dict is not None else full_state_dict(model)
-    save_torch_state_dict({k: v.contiguous() for k, v in state_dict.items()}, folder,
+    save_torch_state_dict({k: v.to(dtype or v.dtype).contiguous() for k, v in state_dict.items()}, folder,
                           filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB")
+
+
+def write_export(folder: str | Path, transformer, state_dict: dict[str, torch.Tensor], *, text_encoder,
+                 autoencoder, info: dict, dtype: torch.dtype | None = None) -> None:
+    """Write an export into ``folder``: the transformer weights, the frozen parts that can save themselves (a
+    pipeline folder in the released layout when the autoencoder is Wan's VAE) and ``anyflow.json``."""
+    from anyflow.models.pipeline import release_transformer_config, write_model_index, write_scheduler
+
+    folder = Path(folder)
+    save_transformer(transformer, folder / "transformer", state_dict, dtype)
+    for part in (text_encoder, autoencoder):
+        if hasattr(part, "save_pretrained"):
+            part.save_pretrained(folder)
+    if (folder / "vae").is_dir():
+        release_transformer_config(folder / "transformer")
+        write_scheduler(folder, info["shift"])
+        write_model_index(folder, getattr(autoencoder, "source", None))
+    (folder / METADATA).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
 
 
 def atomic_folder_write(target: str | Path, write) -> Path:

@@ -21,8 +21,9 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from anyflow.config import as_dtype
 from anyflow.ema import EMA
-from anyflow.export import atomic_folder_write, full_state_dict, save_transformer
+from anyflow.export import atomic_folder_write, full_state_dict, write_export
 from anyflow.flow import add_noise, logit_normal, shift as time_shift
 from anyflow.objectives import dmd_generator_loss, flow_matching_loss, gan_discriminator_loss, gan_generator_loss
 from anyflow.objectives.common import randn_like
@@ -48,7 +49,7 @@ class AnyFlowModule(L.LightningModule):
                  optim: dict | None = None, ema: dict | None = None, teacher: nn.Module | None = None,
                  fake_score: nn.Module | None = None, discriminator: nn.Module | None = None,
                  objective=None, sampling: dict | None = None, fsdp_param_dtype: str | None = None,
-                 negative_embeds: Tensor | None = None):
+                 negative_embeds: Tensor | None = None, compile: bool = False, export_dtype: str | None = None):
         super().__init__()
         self.stage = dict(stage)
         self.stage_name = self.stage["name"]
@@ -68,12 +69,14 @@ class AnyFlowModule(L.LightningModule):
         self.ema_cfg = {"decay": 0.999, "warmup_steps": 0, **(ema or {})}
         self.ema: EMA | None = None  # built in configure_model, after any sharding
         self.fsdp_param_dtype = fsdp_param_dtype
+        self.export_dtype = as_dtype(export_dtype)
         # the negative-prompt embedding [1, L, D] (text dropout, guidance fusion, CFG): given (e.g. from a latent
         # cache) or encoded once here; a buffer, so it follows the module's device but is never checkpointed
         if negative_embeds is None:
             negative_embeds = text_encoder.encode([negative_prompt])
         self.register_buffer("negative_embedding", negative_embeds.detach().clone(), persistent=False)
         self._sharded = False
+        self.compile_blocks, self._compiled = bool(compile), False
         self._step_start = None
 
     def configure_model(self) -> None:
@@ -82,6 +85,8 @@ class AnyFlowModule(L.LightningModule):
         data-parallel mesh, so that the EMA shadow is sharded like the student."""
         if self.device_mesh is not None and not self._sharded:
             self._shard(self.device_mesh["data_parallel"])
+        if self.compile_blocks and not self._compiled:
+            self._compile()
         if self.ema is None:
             self.ema = EMA(self.student, self.ema_cfg["decay"], self.ema_cfg["warmup_steps"]).to(self.device)
 
@@ -100,6 +105,15 @@ class AnyFlowModule(L.LightningModule):
         if self.discriminator is not None:  # nothing else would average its gradients across ranks
             fully_shard(self.discriminator, mesh=mesh)
         self._sharded = True
+
+    def _compile(self) -> None:
+        """Regional compilation: ``torch.compile`` each repeated Wan block in place (after any sharding; dynamo
+        leaves FSDP2's hooks to run eagerly), so one compiled block serves every layer of every network."""
+        for network in (self.student, self.fake_score, self.teacher):
+            if network is not None:
+                for block in network.blocks:
+                    block.compile()
+        self._compiled = True
 
     # ------------------------------------------------------------------ setup
     def train(self, mode: bool = True):
@@ -197,12 +211,12 @@ class AnyFlowModule(L.LightningModule):
         name = "flow_matching_loss" if self.stage_name == "teacher" else "flowmap_loss"
         logs = {f"train/{name}": out["loss"], "train/grad_norm/student": grad_norm,
                 "train/lr": scheduler.get_last_lr()[0], "train/ema_decay": decay}
-        if self.stage_name == "pretrain":
-            is_diffusion = out["t"] == out["r"]
-            if is_diffusion.any():
-                logs["train/diffusion_loss"] = out["per_sample"][is_diffusion].mean()
-            if (~is_diffusion).any():
-                logs["train/jump_loss"] = out["per_sample"][~is_diffusion].mean()
+        if self.stage_name == "pretrain":  # masked means over host-known counts: no device-to-host sync
+            per_sample, is_diffusion, n_diffusion = out["per_sample"], out["is_diffusion"], out["n_diffusion"]
+            if n_diffusion:
+                logs["train/diffusion_loss"] = (per_sample * is_diffusion).sum() / n_diffusion
+            if n_diffusion < len(per_sample):
+                logs["train/jump_loss"] = (per_sample * ~is_diffusion).sum() / (len(per_sample) - n_diffusion)
         return logs
 
     # ------------------------------------------------------------------ on-policy distillation (DESIGN §6)
@@ -216,7 +230,8 @@ class AnyFlowModule(L.LightningModule):
         choices = list(self.stage["rollout_nfe"])
         nfe = int(choices[int(torch.randint(len(choices), (1,), generator=shared))])
         split = int(torch.randint(nfe, (1,), generator=shared))
-        if self.trainer.world_size > 1:  # cheap guard: a disagreement would silently desynchronise FSDP
+        # a disagreement would silently desynchronise FSDP; checked at the logging interval (it syncs the host)
+        if self.trainer.world_size > 1 and self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
             gathered = self.all_gather(torch.tensor([nfe, split], device=self.device))
             assert bool((gathered == gathered[0]).all()), f"ranks drew different (nfe, split): {gathered.tolist()}"
         return nfe, split
@@ -329,21 +344,17 @@ class AnyFlowModule(L.LightningModule):
 
         Call on every rank (FSDP gathers shards); rank 0 writes.
         """
-        import json
-
         with self.ema.swapped(self.student):
             state = full_state_dict(self.student)
         if self.global_rank != 0:
             return
+        info = {"stage": self.stage_name, "latent_shape": self.latent_shape, "shift": self.shift,
+                "mode": self.sampling["mode"], "negative_prompt": self.negative_prompt,
+                "max_length": getattr(self.text_encoder, "max_length", None), "step": int(self.global_step),
+                **metadata}
 
         def write(tmp):
-            save_transformer(self.student, tmp / "transformer", state)
-            if hasattr(self.text_encoder, "save_pretrained"):
-                self.text_encoder.save_pretrained(tmp)
-            info = {"stage": self.stage_name, "latent_shape": self.latent_shape, "shift": self.shift,
-                    "mode": self.sampling["mode"], "negative_prompt": self.negative_prompt,
-                    "max_length": getattr(self.text_encoder, "max_length", None),
-                    "step": int(self.global_step), **metadata}
-            (tmp / "anyflow.json").write_text(json.dumps(info, indent=2))
+            write_export(tmp, self.student, state, text_encoder=self.text_encoder, autoencoder=self.autoencoder,
+                         info=info, dtype=self.export_dtype)
 
         atomic_folder_write(folder, write)

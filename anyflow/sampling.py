@@ -17,14 +17,15 @@ from anyflow.flow import flow_map_step, schedule, to_network_time
 
 
 def call_model(model, x: Tensor, t: Tensor, r: Tensor, prompt_embeds: Tensor) -> Tensor:
-    """``u(x, t, r)`` for unit times ``t``, ``r`` of shape ``[B]`` or ``[B, F]`` (or scalars)."""
+    """``u(x, t, r)`` for unit times ``t``, ``r`` of shape ``[B]`` or ``[B, F]`` (or scalars); times are passed in
+    fp32 whatever the network's dtype."""
     batch = x.shape[0]
     t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
     r = torch.as_tensor(r, device=x.device, dtype=torch.float32)
     t, r = (t.expand(batch) if t.ndim == 0 else t), (r.expand(batch) if r.ndim == 0 else r)
     out = model(hidden_states=x, timestep=to_network_time(t), r_timestep=to_network_time(r),
                 encoder_hidden_states=prompt_embeds, return_dict=False)
-    return out[0]
+    return out[0].to(x.dtype)  # a bf16 network answers in bf16; the sampler's arithmetic stays in x's dtype
 
 
 def guided(model, x: Tensor, t: Tensor, r: Tensor, prompt_embeds: Tensor, negative_embeds: Tensor | None,

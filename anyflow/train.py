@@ -20,6 +20,7 @@ from anyflow.config import config_dir, register_resolvers
 from anyflow.data import AnyFlowDataModule
 from anyflow.export import newest_export
 from anyflow.models import FlowMapWanTransformer3DModel
+from anyflow.models.pipeline import FolderError, check_pipeline_folder
 from anyflow.models.text_encoder import UMT5TextEncoder
 from anyflow.module import AnyFlowModule
 
@@ -36,15 +37,16 @@ def run_dir(cfg: DictConfig) -> Path:
 
 
 def resolve_init(cfg: DictConfig) -> Path | None:
-    """The folder the student starts from, or ``None`` for random weights."""
+    """The folder the student starts from, or ``None`` for the model config's own weights (``init_from=base``:
+    random for the toy, the transformer in ``model.path`` for Wan)."""
     init = cfg.get("init_from")
-    if init == "scratch":
+    if init == "base":
         return None
     if init is not None:
         path = Path(init)
         if not path.exists():
             raise ConfigError(f"init_from={init!r} does not exist; pass an export folder, a Diffusers folder, "
-                              "or init_from=scratch.")
+                              "or init_from=base.")
         return path
     source = cfg.stage.get("init_stage")
     if source is None:
@@ -54,9 +56,20 @@ def resolve_init(cfg: DictConfig) -> Path | None:
         raise ConfigError(
             f"stage={cfg.stage.name} starts from a {source} export, but there is none under "
             f"{cfg.paths.output_dir}/{source}/; run `python train.py stage={source}` first, or pass "
-            "init_from=PATH (or init_from=scratch)."
+            "init_from=PATH (or init_from=base)."
         )
     return found
+
+
+def check_model_folder(cfg: DictConfig) -> None:
+    """A model config that reads a Diffusers folder (``model.path``) fails at start, naming what is missing."""
+    if "path" not in cfg.model:
+        return
+    path = None if OmegaConf.is_missing(cfg.model, "path") else cfg.model.path
+    try:
+        check_pipeline_folder(path, what="model.path")
+    except FolderError as error:
+        raise ConfigError(str(error)) from None
 
 
 def resolve_ckpt(cfg: DictConfig) -> str | None:
@@ -79,7 +92,8 @@ def resolve_ckpt(cfg: DictConfig) -> str | None:
 def build_text_encoder(cfg: DictConfig, init: Path | None):
     """The frozen prompt encoder; an init export that carries one is used, so embeddings match its training."""
     if init is not None and (init / "text_encoder").is_dir() and (init / "tokenizer").is_dir():
-        return UMT5TextEncoder.from_pretrained(init, max_length=cfg.model.text_encoder.max_length)
+        return UMT5TextEncoder.from_pretrained(init, max_length=cfg.model.text_encoder.max_length,
+                                               torch_dtype=cfg.model.text_encoder.get("torch_dtype"))
     return instantiate(cfg.model.text_encoder)
 
 
@@ -127,7 +141,7 @@ def build_module(cfg: DictConfig) -> AnyFlowModule:
     if cfg.stage.name not in STAGES:
         raise ConfigError(f"stage={cfg.stage.name!r} is unknown; use one of {', '.join(STAGES)}.")
     init = resolve_init(cfg)
-    log.info("student initialised from %s", init or "random weights (scratch)")
+    log.info("student initialised from %s", init or "the model config's weights (base)")
     autoencoder = instantiate(cfg.model.autoencoder)
     return AnyFlowModule(
         **build_critics(cfg),
@@ -144,6 +158,7 @@ def build_module(cfg: DictConfig) -> AnyFlowModule:
         objective=instantiate(cfg.stage.objective),
         sampling={"mode": cfg.stage.sampling_mode},
         fsdp_param_dtype=cfg.model.get("fsdp_param_dtype"),
+        export_dtype=cfg.model.get("export_dtype"),
     )
 
 
@@ -174,6 +189,7 @@ def _state_dict_gist(error: Exception) -> str:
 def train(cfg: DictConfig) -> dict:
     """Train one stage; returns the paths it wrote (``run_dir``, ``checkpoint``, ``export``, ``videos``)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    check_model_folder(cfg)
     ckpt = resolve_ckpt(cfg)
     module = build_module(cfg)
     data = AnyFlowDataModule(instantiate(cfg.data.train, _convert_="all"), batch_size=cfg.data.batch_size,

@@ -24,10 +24,10 @@ def _weights(run):
 
 
 def test_fsdp2_train_export_and_resume_bit_identical(tmp_path):
-    full = _fsdp(tmp_path, "teacher", "full", "init_from=scratch", "trainer.max_steps=4")
+    full = _fsdp(tmp_path, "teacher", "full", "init_from=base", "trainer.max_steps=4")
     assert (full / "checkpoints" / "last.ckpt").is_dir()  # a distributed-checkpoint folder
-    half = _fsdp(tmp_path, "teacher", "half", "init_from=scratch", "trainer.max_steps=2")
-    resumed = _fsdp(tmp_path, "teacher", "resumed", "init_from=scratch", "trainer.max_steps=4",
+    half = _fsdp(tmp_path, "teacher", "half", "init_from=base", "trainer.max_steps=2")
+    resumed = _fsdp(tmp_path, "teacher", "resumed", "init_from=base", "trainer.max_steps=4",
                     f"ckpt_path={half}/checkpoints/last.ckpt")
     a, b = _weights(full), _weights(resumed)
     assert a.keys() == b.keys() and "condition_embedder.delta_embedder.linear_1.weight" in a
@@ -38,7 +38,7 @@ def test_fsdp2_train_export_and_resume_bit_identical(tmp_path):
 
 
 def test_fsdp2_pretrain_and_onpolicy(tmp_path):
-    _fsdp(tmp_path, "teacher", "t", "init_from=scratch", "trainer.max_steps=2")
+    _fsdp(tmp_path, "teacher", "t", "init_from=base", "trainer.max_steps=2")
     _fsdp(tmp_path, "pretrain", "p", "trainer.max_steps=2")
     run = _fsdp(tmp_path, "onpolicy", "o", "trainer.max_steps=2", "stage.rollout_nfe=[1,2,4]",
                 "stage.gan_weight=0.03", "stage.discriminator.feature_blocks=[0]")

@@ -55,12 +55,12 @@ def test_pretrain_without_teacher_fails_clearly(tmp_path):
 
 
 def test_resume_is_bit_identical(tmp_path):
-    full = _train(tmp_path, "teacher", "full", "init_from=scratch", "trainer.max_steps=4")
-    _train(tmp_path, "teacher", "half", "init_from=scratch", "trainer.max_steps=2",
+    full = _train(tmp_path, "teacher", "full", "init_from=base", "trainer.max_steps=4")
+    _train(tmp_path, "teacher", "half", "init_from=base", "trainer.max_steps=2",
            "callbacks.checkpoint.every_n_train_steps=2")
     half_ckpt = tmp_path / "outputs" / "teacher" / "half" / "checkpoints" / "last.ckpt"
     assert torch.load(half_ckpt, weights_only=True)["global_step"] == 2
-    resumed = _train(tmp_path, "teacher", "resumed", "init_from=scratch", "trainer.max_steps=4",
+    resumed = _train(tmp_path, "teacher", "resumed", "init_from=base", "trainer.max_steps=4",
                      f"ckpt_path={half_ckpt}")
     a = torch.load(full["checkpoint"], weights_only=True)
     b = torch.load(resumed["checkpoint"], weights_only=True)
@@ -191,7 +191,7 @@ def test_installed_layout_finds_packaged_configs(tmp_path):
 
 def test_resuming_a_checkpoint_of_another_model_fails_clearly(teacher_run):
     tmp, paths = teacher_run
-    cfg = compose_cfg("train", fast_overrides(tmp, "teacher", "init_from=scratch", "model.transformer.num_layers=2",
+    cfg = compose_cfg("train", fast_overrides(tmp, "teacher", "init_from=base", "model.transformer.num_layers=2",
                                               f"ckpt_path={paths['checkpoint']}"), run_dir=tmp / "mismatch")
     expected = r"does not match this run's networks \(missing student\.blocks\.1\.\S+ and \d+ more\)"
     with pytest.raises(ConfigError, match=expected):

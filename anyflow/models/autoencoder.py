@@ -24,19 +24,34 @@ class IdentityAutoencoder(nn.Module):
 class WanAutoencoder(nn.Module):
     """diffusers' ``AutoencoderKLWan`` with Wan's per-channel ``latents_mean`` / ``latents_std`` normalisation."""
 
-    def __init__(self, vae):
+    def __init__(self, vae, source: str | Path | None = None):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
+        self.source = Path(source) if source is not None else None  # the pipeline folder it was loaded from
         mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
         std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
         self.register_buffer("latents_mean", mean, persistent=False)
         self.register_buffer("latents_std", std, persistent=False)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, torch_dtype: torch.dtype | None = None) -> "WanAutoencoder":
+    def from_pretrained(cls, folder: str | Path, torch_dtype: str | torch.dtype | None = None) -> "WanAutoencoder":
+        """``vae/`` of a Diffusers pipeline folder (Wan, AnyFlow or our export)."""
         from diffusers import AutoencoderKLWan
 
-        return cls(AutoencoderKLWan.from_pretrained(Path(folder) / "vae", torch_dtype=torch_dtype))
+        from anyflow.config import as_dtype
+        from anyflow.models.pipeline import check_pipeline_folder
+
+        folder = check_pipeline_folder(folder, ("vae",), what="VAE folder")
+        return cls(AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=as_dtype(torch_dtype)), folder)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write ``vae/``: linked from the source folder when loaded from one."""
+        from anyflow.models.pipeline import link_part
+
+        if self.source is not None:
+            link_part(self.source / "vae", Path(folder) / "vae")
+        else:
+            self.vae.save_pretrained(Path(folder) / "vae")
 
     def train(self, mode: bool = True):
         return super().train(False)

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import WanTransformer3DModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -92,7 +93,15 @@ class FlowMapWanTransformer3DModel(WanTransformer3DModel):
         gate_value: float = 0.25,
         deltatime_type: str = "r",
         init_flowmap_model: bool = True,
+        # keys of the official config (its causal FAR variant); kept so saved configs match the released layout
+        compressed_patch_size: tuple[int, ...] = (1, 4, 4),
+        full_chunk_limit: int = 3,
+        chunk_partition: list[int] | None = None,
+        init_far_model: bool = False,
     ) -> None:
+        if init_far_model:
+            raise ValueError("init_far_model=true is the official causal (FAR) variant, which this model does not "
+                             "implement; use a bidirectional AnyFlow-Wan2.1-T2V-* folder.")
         super().__init__(
             patch_size=patch_size,
             num_attention_heads=num_attention_heads,
@@ -160,6 +169,10 @@ class FlowMapWanTransformer3DModel(WanTransformer3DModel):
             raise NotImplementedError("LoRA scaling through attention_kwargs is not supported; use peft's API.")
         batch_size, _, num_frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size
+        # latents and text embeddings run in the weights' compute dtype (bf16 under FSDP mixed precision or a
+        # bf16 model); the timesteps stay as given (fp32) down to the sinusoidal projection
+        hidden_states = hidden_states.to(self.patch_embedding.weight.dtype)
+        encoder_hidden_states = encoder_hidden_states.to(self.condition_embedder.text_embedder.linear_1.weight.dtype)
         frames, rows, cols = num_frames // p_t, height // p_h, width // p_w
 
         if r_timestep.shape != timestep.shape:
@@ -213,8 +226,8 @@ class FlowMapWanTransformer3DModel(WanTransformer3DModel):
         """Load a flow-map checkpoint (ours or the official AnyFlow layout) or a plain Wan transformer.
 
         A pipeline folder (with a ``transformer/`` subfolder) is accepted too. For a plain Wan folder the
-        ``delta_embedder`` is initialised as a copy of ``time_embedder``; ``gate_value`` / ``deltatime_type``
-        may be given as keyword arguments.
+        ``delta_embedder`` is initialised as a copy of ``time_embedder`` and ``gate_value`` / ``deltatime_type``
+        (keyword arguments) set the gate; a flow-map folder keeps the values of its own config.
         """
         path = Path(pretrained_model_name_or_path)
         if "subfolder" not in kwargs and (path / "transformer" / "config.json").is_file():
@@ -227,17 +240,21 @@ class FlowMapWanTransformer3DModel(WanTransformer3DModel):
                 "Diffusers folder."
             )
         config = json.loads(config_file.read_text())
+        # gate_value / deltatime_type set up a plain Wan transformer; a flow-map folder keeps its own
+        flowmap_kwargs = {k: kwargs.pop(k) for k in ("gate_value", "deltatime_type") if k in kwargs}
         if "gate_value" in config or config.get("init_flowmap_model"):
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         # a plain Wan transformer: load it, then grow the second time embedding from time_embedder
-        flowmap_kwargs = {k: kwargs.pop(k) for k in ("gate_value", "deltatime_type") if k in kwargs}
         base = WanTransformer3DModel.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        model = cls.from_config({**base.config, **flowmap_kwargs})
-        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
-        if unexpected or not all(".delta_embedder." in k for k in missing):
+        with init_empty_weights():  # no second random copy of the weights (14B: 56 GB in fp32)
+            model = cls.from_config({**base.config, **flowmap_kwargs})
+        state = base.state_dict()
+        time_embedder = base.condition_embedder.time_embedder.state_dict()
+        state.update({f"condition_embedder.delta_embedder.{k}": v.clone() for k, v in time_embedder.items()})
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        if missing or unexpected:
             raise ValueError(f"{os.fspath(path)!r} is not a Wan transformer this model can grow a second time "
                              f"embedding from (unexpected {unexpected[:3]}, missing {missing[:3]}).")
-        model.condition_embedder.delta_embedder.load_state_dict(base.condition_embedder.time_embedder.state_dict())
         return model
 
 

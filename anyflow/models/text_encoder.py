@@ -1,30 +1,46 @@
-"""Frozen text encoders that map prompts to ``[B, L, D]`` embeddings (padding positions zeroed, as Wan does).
+"""Frozen text encoders that map prompts to ``[B, L, D]`` embeddings, exactly as Wan2.1's pipeline does:
+
+    prompt → ftfy fix + HTML unescape + whitespace collapse → tokenizer (pad to L, truncate) → UMT5 encoder
+           → hidden states with every position past the prompt's length set to zero
 
 - :class:`UMT5TextEncoder` wraps transformers' ``UMT5EncoderModel`` and a tokenizer. For Wan it is UMT5-XXL
-  from the Diffusers folder; for the embedded toy it is a tiny random UMT5 with transformers' byte-level
-  ByT5 tokenizer (no vocabulary file), seeded so that prompts map to fixed embeddings.
+  from the Diffusers folder (bf16, L = 512); for the embedded toy it is a tiny random UMT5 with transformers'
+  byte-level ByT5 tokenizer (no vocabulary file), seeded so that prompts map to fixed embeddings.
 - Embeddings of repeated prompts are cached (the toy has a few dozen distinct captions).
 """
 
 from __future__ import annotations
 
+import html
+import re
 from collections import OrderedDict
 from pathlib import Path
 
+import ftfy
 import torch
 from torch import Tensor, nn
 from transformers import AutoTokenizer, ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+
+from anyflow.config import as_dtype
+
+
+def clean_prompt(text: str) -> str:
+    """Wan's prompt cleaning: ``ftfy.fix_text``, HTML unescaped twice, whitespace runs collapsed, stripped."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip()
 
 
 class UMT5TextEncoder(nn.Module):
     """Frozen UMT5 encoder + tokenizer; ``encode(prompts) -> [B, max_length, d_model]``."""
 
-    def __init__(self, encoder: UMT5EncoderModel, tokenizer, max_length: int, cache_size: int = 256):
+    def __init__(self, encoder: UMT5EncoderModel, tokenizer, max_length: int, cache_size: int = 256,
+                 source: str | Path | None = None):
         super().__init__()
         self.encoder = encoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.cache_size = cache_size
+        self.source = Path(source) if source is not None else None  # the pipeline folder it was loaded from
         self._cache: OrderedDict[str, Tensor] = OrderedDict()
 
     @property
@@ -46,15 +62,24 @@ class UMT5TextEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, *, max_length: int = 512, cache_size: int = 256,
-                        torch_dtype: torch.dtype | None = None) -> "UMT5TextEncoder":
-        """Load ``text_encoder/`` and ``tokenizer/`` from a Diffusers pipeline folder (Wan or our export)."""
-        folder = Path(folder)
-        encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder", torch_dtype=torch_dtype)
+                        torch_dtype: str | torch.dtype | None = None) -> "UMT5TextEncoder":
+        """Load ``text_encoder/`` and ``tokenizer/`` from a Diffusers pipeline folder (Wan, AnyFlow or our export)."""
+        from anyflow.models.pipeline import check_pipeline_folder
+
+        folder = check_pipeline_folder(folder, ("text_encoder", "tokenizer"), what="text encoder folder")
+        encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=as_dtype(torch_dtype))
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
-        return cls(encoder, tokenizer, max_length, cache_size)
+        return cls(encoder, tokenizer, max_length, cache_size, source=folder)
 
     def save_pretrained(self, folder: str | Path) -> None:
+        """Write ``text_encoder/`` and ``tokenizer/``: linked from the source folder when loaded from one."""
+        from anyflow.models.pipeline import link_part
+
         folder = Path(folder)
+        if self.source is not None:
+            for part in ("text_encoder", "tokenizer"):
+                link_part(self.source / part, folder / part)
+            return
         self.encoder.save_pretrained(folder / "text_encoder")
         self.tokenizer.save_pretrained(folder / "tokenizer")
 
@@ -63,6 +88,7 @@ class UMT5TextEncoder(nn.Module):
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> Tensor:
+        prompts = [clean_prompt(p) for p in prompts]
         tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                                 add_special_tokens=True, return_tensors="pt")
         device = next(self.encoder.parameters()).device
