@@ -1,8 +1,14 @@
-"""Toy evaluation (DESIGN §10): colour accuracy, motion-direction accuracy and a feature Fréchet distance of
-generated shapes clips, over an NFE sweep for any list of exports.
+"""Toy evaluation: colour accuracy, motion-direction accuracy and a feature Fréchet distance (FD) of generated
+shapes clips with a 95 % bootstrap interval, over an NFE sweep for any list of exports.
 
     python -m anyflow.evaluate                                   # newest teacher / pretrain / onpolicy exports
     python -m anyflow.evaluate 'checkpoints=[a/export,b/export]' 'nfe=[1,4,16]'
+
+Every table starts with a noise-floor row: ``num_prompts`` *real* clips of another seed scored like a model,
+i.e. the FD that sampling noise alone gives at this clip count. A teacher export is scored twice, plain and
+with classifier-free guidance ``u_∅ + s·(u_c − u_∅)`` at ``teacher_guidance_scale`` (the students learn the
+guided field of that scale through guidance fusion, so this is the matching comparison). The reference
+features (``reference_clips`` real clips) are computed once; generated clips are sampled in batches.
 
 Writes ``results.csv``, ``results.md`` and ``quality_vs_nfe.png`` to ``out_dir``, logs them to wandb
 (offline without an API key) and prints the table. Seeds and prompts are fixed: two runs agree.
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,101 +28,40 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from anyflow.config import config_dir, register_resolvers
-from anyflow.data.shapes import COLOURS, DIRECTIONS, ShapesDataset, parse_caption, prompt_set
+from anyflow.data.shapes import ShapesDataset, prompt_set
 from anyflow.export import newest_export
+from anyflow.metrics import accuracies, analyse, analyse_batch, fd_interval, frechet_distance, score
 
-FOREGROUND = 0.4  # a pixel is foreground when its brightest channel exceeds this (background ≈ 0.08)
-MIN_SPEED = 0.3  # pixels per frame (at size 16) below which a clip counts as static
-PALETTE = torch.tensor(list(COLOURS.values()))
-UNIT_DIRECTIONS = torch.tensor(list(DIRECTIONS.values()))  # (dy, dx)
-
-
-@dataclass
-class ClipAnalysis:
-    colour: str | None
-    direction: str | None
-    features: Tensor
-
-
-def analyse(video: Tensor) -> ClipAnalysis:
-    """Dominant foreground colour, motion direction of the centroid, and a feature vector of one clip.
-
-    ``video`` is ``[3, F, H, W]`` in [-1, 1].
-    """
-    pixels = ((video.float().cpu() + 1) / 2).clamp(0, 1)
-    _, frames, height, width = pixels.shape
-    size = float(max(height, width))
-    mask = (pixels.max(0).values > FOREGROUND).float()  # F, H, W
-    area = mask.flatten(1).sum(1)  # per frame
-    total = mask.sum()
-    visible = area > 0
-    background = (pixels.mean(0) * (1 - mask)).sum() / (1 - mask).sum().clamp_min(1)
-
-    if total == 0:
-        return ClipAnalysis(None, None, torch.tensor([
-            *([0.0] * 3), 0.0, 0.0, 0.0, 0.0, 0.5, 0.5, 1.0, float(background), 0.0]))
-    colour_mean = (pixels * mask).flatten(1).sum(1) / total
-    colour = list(COLOURS)[int((PALETTE - colour_mean).norm(dim=1).argmin())]
-
-    ys = torch.arange(height, dtype=torch.float32).view(1, -1, 1) + 0.5
-    xs = torch.arange(width, dtype=torch.float32).view(1, 1, -1) + 0.5
-    cy = (mask * ys).flatten(1).sum(1) / area.clamp_min(1)
-    cx = (mask * xs).flatten(1).sum(1) / area.clamp_min(1)
-    f = torch.arange(frames, dtype=torch.float32)[visible]
-    velocity, residual = torch.zeros(2), torch.tensor(0.0)
-    if visible.sum() >= 2:
-        design = torch.stack([f, torch.ones_like(f)], 1)
-        coords = torch.stack([cy[visible], cx[visible]], 1)
-        solution = torch.linalg.lstsq(design, coords).solution  # [2, 2]: slope, intercept for (y, x)
-        velocity = solution[0]
-        residual = (design @ solution - coords).pow(2).sum(1).mean().sqrt()
-    speed = float(velocity.norm()) * 16.0 / size
-    direction = list(DIRECTIONS)[int((UNIT_DIRECTIONS @ velocity).argmax())] if speed >= MIN_SPEED else None
-    features = torch.tensor([
-        *colour_mean.tolist(),
-        float(area.mean()) / (height * width),
-        float(area.std()) / (height * width) if frames > 1 else 0.0,
-        float(velocity[0]) / size * frames,
-        float(velocity[1]) / size * frames,
-        float(cy[visible].mean()) / height,
-        float(cx[visible].mean()) / width,
-        float(residual) / size * 4,
-        float(background),
-        float(visible.float().mean()),
-    ])
-    return ClipAnalysis(colour, direction, features)
-
-
-def frechet_distance(a: Tensor, b: Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to feature sets ``a`` ``[N, D]`` and ``b`` ``[M, D]``:
-    ``|μ_a − μ_b|² + tr(Σ_a + Σ_b − 2 (Σ_a^½ Σ_b Σ_a^½)^½)``."""
-    a, b = a.double(), b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-
-    def sqrtm(m: Tensor) -> Tensor:
-        values, vectors = torch.linalg.eigh((m + m.T) / 2)
-        return vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T
-
-    root_a = sqrtm(cov_a)
-    cross = sqrtm(root_a @ cov_b @ root_a)
-    return float((mu_a - mu_b).pow(2).sum() + torch.trace(cov_a + cov_b - 2 * cross))
-
-
-def score(videos: Tensor, prompts: list[str], reference: Tensor) -> dict[str, float]:
-    """``colour_acc``, ``direction_acc`` (fractions of prompts matched) and ``fd`` against reference features."""
-    analyses = [analyse(v) for v in videos]
-    wanted = [parse_caption(p) for p in prompts]
-    colour = sum(a.colour == w[1] for a, w in zip(analyses, wanted)) / len(prompts)
-    direction = sum(a.direction == w[2] for a, w in zip(analyses, wanted)) / len(prompts)
-    features = torch.stack([a.features for a in analyses])
-    return {"colour_acc": colour, "direction_acc": direction, "fd": frechet_distance(features, reference)}
+__all__ = ["analyse", "frechet_distance", "score", "real_clips", "Reference", "sweep", "write_results"]
 
 
 def real_clips(prompts: list[str], frames: int, size: int, seed: int) -> Tensor:
-    """Real clips for the prompts (random start/speed from ``seed``): the reference set."""
+    """Real clips for the prompts (random start/speed from ``seed``)."""
     data = ShapesDataset(seed=seed, frames=frames, size=size)
     return torch.stack([data.clip_for(p, i) for i, p in enumerate(prompts)])
+
+
+@dataclass
+class Reference:
+    """Features of the real reference clips (computed once) and how generated clips are scored against them."""
+
+    prompts: list[str]
+    features: Tensor
+    bootstrap: int = 1000
+    level: float = 0.95
+
+    @classmethod
+    def build(cls, num_clips: int, frames: int, size: int, seed: int, **kwargs) -> Reference:
+        prompts = prompt_set(num_clips)
+        return cls(prompts, analyse_batch(real_clips(prompts, frames, size, seed)).features, **kwargs)
+
+    def score(self, videos: Tensor, prompts: list[str]) -> dict[str, float]:
+        """Accuracies, ``fd`` and its interval ``fd_low``, ``fd_high`` for clips generated from ``prompts``."""
+        analysis = analyse_batch(videos)
+        low, high = fd_interval(analysis.features, self.features, prompts, self.prompts, num=self.bootstrap,
+                                level=self.level)
+        return {**accuracies(analysis, prompts), "fd": frechet_distance(analysis.features, self.features),
+                "fd_low": low, "fd_high": high}
 
 
 def default_checkpoints(output_dir: str) -> list[Path]:
@@ -123,31 +69,73 @@ def default_checkpoints(output_dir: str) -> list[Path]:
     return [p for p in found if p is not None]
 
 
-def sweep(checkpoints: list[str | Path], nfes: list[int], *, num_prompts: int = 72, seed: int = 0,
-          real_seed: int = 7, device: str = "cpu") -> list[dict]:
-    """Score every checkpoint at every NFE on the fixed prompt set; one row per (checkpoint, nfe)."""
+def generate(sampler, prompts: list[str], nfe: int, *, seed: int, guidance_scale: float = 1.0,
+             batch_size: int = 360) -> Tensor:
+    """Videos for ``prompts`` in batches; the noise is drawn once from ``seed`` (as one unbatched call would)."""
+    noise = torch.randn(len(prompts), *sampler.meta["latent_shape"], generator=torch.Generator().manual_seed(seed))
+    return torch.cat([sampler(prompts[i:i + batch_size], nfe, noise=noise[i:i + batch_size],
+                              guidance_scale=guidance_scale, progress=False)
+                      for i in range(0, len(prompts), batch_size)])
+
+
+def sweep(checkpoints: list[str | Path], nfes: list[int], *, num_prompts: int = 720, seed: int = 0,
+          real_seed: int = 7, floor_seed: int = 8, reference_clips: int = 7200,
+          teacher_guidance_scale: float | None = 3.0, bootstrap: int = 1000, batch_size: int = 360,
+          labels: list[str] | None = None, device: str = "cpu") -> list[dict]:
+    """Score every checkpoint at every NFE on the fixed prompt set, after a noise-floor row of real clips.
+
+    One row per (checkpoint, guidance, nfe) with ``colour_acc``, ``direction_acc``, ``fd``, ``fd_low``,
+    ``fd_high`` and ``seconds`` (sampling and scoring).
+    """
     from anyflow.sample import load_export
 
+    if labels is not None and len(labels) != len(checkpoints):
+        raise ValueError(f"labels={labels} must name each of the {len(checkpoints)} checkpoints once.")
     prompts = prompt_set(num_prompts)
-    rows, reference = [], None
-    for path in checkpoints:
+    rows: list[dict] = []
+    reference = None
+    for k, path in enumerate(checkpoints):
         sampler = load_export(path, device)
         if (Path(path) / "vae").is_dir():
             raise ValueError(f"{str(path)!r} is a latent-space (Wan) export; the toy evaluation scores pixel-space "
                              "shapes exports only.")
-        _, frames, height, width = sampler.meta["latent_shape"]
+        _, frames, height, _ = sampler.meta["latent_shape"]
         if reference is None:
-            reference = torch.stack([analyse(v).features for v in real_clips(prompts, frames, height, real_seed)])
-        label = f"{sampler.meta.get('stage', 'model')} ({Path(path).parent.name})"
-        for nfe in nfes:
-            videos = sampler(prompts, nfe, seed=seed, progress=False)
-            rows.append({"checkpoint": label, "stage": sampler.meta.get("stage", ""), "mode": sampler.meta.get("mode"),
-                         "nfe": nfe, **score(videos, prompts, reference)})
+            reference = Reference.build(reference_clips, frames, height, real_seed, bootstrap=bootstrap)
+            start = time.perf_counter()
+            floor = reference.score(real_clips(prompts, frames, height, floor_seed), prompts)
+            rows.append({"checkpoint": f"real clips (seed {floor_seed})", "stage": "real", "mode": "real",
+                         "guidance": None, "nfe": None, **floor, "seconds": time.perf_counter() - start})
+        stage, mode = sampler.meta.get("stage", "model"), sampler.meta.get("mode", "flowmap")
+        label = labels[k] if labels is not None else f"{stage} ({Path(path).parent.name})"
+        scales = [1.0] + ([float(teacher_guidance_scale)] if mode == "teacher" and teacher_guidance_scale else [])
+        for scale in scales:
+            name = label if scale == 1.0 else f"{label} + CFG {scale:g}"
+            for nfe in nfes:
+                start = time.perf_counter()
+                videos = generate(sampler, prompts, nfe, seed=seed, guidance_scale=scale, batch_size=batch_size)
+                rows.append({"checkpoint": name, "stage": stage, "mode": mode, "guidance": scale, "nfe": nfe,
+                             **reference.score(videos, prompts), "seconds": time.perf_counter() - start})
     return rows
 
 
-def write_results(rows: list[dict], out_dir: str | Path) -> dict[str, Path]:
-    """``results.csv``, ``results.md`` and ``quality_vs_nfe.png`` (one line per checkpoint)."""
+FIELDS = ["checkpoint", "stage", "mode", "guidance", "nfe", "colour_acc", "direction_acc", "fd", "fd_low", "fd_high",
+          "seconds"]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| checkpoint | NFE | colour acc | direction acc | feature FD | 95 % interval |",
+             "|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        nfe = "–" if r["nfe"] is None else r["nfe"]
+        lines.append(f"| {r['checkpoint']} | {nfe} | {r['colour_acc']:.3f} | {r['direction_acc']:.3f} "
+                     f"| {r['fd']:.5f} | [{r['fd_low']:.5f}, {r['fd_high']:.5f}] |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(rows: list[dict], out_dir: str | Path, note: str = "") -> dict[str, Path]:
+    """``results.csv``, ``results.md`` (the table, then ``note``) and ``quality_vs_nfe.png``: one line per
+    checkpoint, its FD interval as a band, the noise floor (rows without an NFE) as a grey band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,28 +143,31 @@ def write_results(rows: list[dict], out_dir: str | Path) -> dict[str, Path]:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    keys = ["checkpoint", "mode", "nfe", "colour_acc", "direction_acc", "fd"]
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| checkpoint | mode | NFE | colour acc | direction acc | feature FD |", "|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['checkpoint']} | {r['mode']} | {r['nfe']} | {r['colour_acc']:.3f} | {r['direction_acc']:.3f} "
-              f"| {r['fd']:.4f} |" for r in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.md").write_text(markdown_table(rows) + (f"\n{note}\n" if note else ""))
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for label in dict.fromkeys(r["checkpoint"] for r in rows):
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for r in (r for r in rows if r["nfe"] is None):
+        axes[2].axhline(r["fd"], color="0.3", lw=1, ls="--", label=r["checkpoint"])
+        axes[2].axhspan(r["fd_low"], r["fd_high"], color="0.5", alpha=0.25, lw=0)
+    for label in dict.fromkeys(r["checkpoint"] for r in rows if r["nfe"] is not None):
         mine = [r for r in rows if r["checkpoint"] == label]
+        nfe = [r["nfe"] for r in mine]
         for ax, key in zip(axes, ("colour_acc", "direction_acc", "fd")):
-            ax.plot([r["nfe"] for r in mine], [r[key] for r in mine], marker="o", label=label)
-    for ax, title in zip(axes, ("colour accuracy ↑", "direction accuracy ↑", "feature Fréchet distance ↓")):
+            line, = ax.plot(nfe, [r[key] for r in mine], marker="o", ms=4, label=label)
+        axes[2].fill_between(nfe, [r["fd_low"] for r in mine], [r["fd_high"] for r in mine],
+                             color=line.get_color(), alpha=0.2, lw=0)
+    titles = ("colour accuracy ↑", "direction accuracy ↑", "feature Fréchet distance ↓ (95 % interval)")
+    for ax, title in zip(axes, titles):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("NFE")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
     axes[2].set_yscale("log")
-    axes[0].legend(fontsize=8)
+    axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "quality_vs_nfe.png", dpi=110)
     plt.close(fig)
@@ -190,7 +181,7 @@ def log_to_wandb(rows: list[dict], files: dict[str, Path], out_dir: Path) -> Non
 
     run = wandb.init(project="anyflow", job_type="evaluate", dir=str(out_dir), mode=wandb_mode(),
                      reinit="finish_previous")
-    table = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
+    table = wandb.Table(columns=FIELDS, data=[[r.get(k) for k in FIELDS] for r in rows])
     run.log({"eval/results": table, "eval/quality_vs_nfe": wandb.Image(str(files["plot"]))})
     run.finish()
 
@@ -200,14 +191,30 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    start = time.perf_counter()
     checkpoints = list(cfg.checkpoints) if cfg.checkpoints else default_checkpoints(cfg.paths.output_dir)
     if not checkpoints:
         raise SystemExit(f"error: no exports under {cfg.paths.output_dir}/; pass checkpoints=[PATH,…].")
     nfes = [int(n) for n in cfg.nfe]
     if any(n < 1 for n in nfes):
         raise SystemExit(f"error: nfe={nfes} must hold positive integers, e.g. nfe=[1,4,16].")
-    rows = sweep(checkpoints, nfes, num_prompts=cfg.num_prompts, seed=cfg.seed, real_seed=cfg.real_seed)
-    files = write_results(rows, cfg.out_dir)
+    if cfg.num_prompts < 2:
+        raise SystemExit(f"error: num_prompts={cfg.num_prompts} is too few for a Fréchet distance; use e.g. 720.")
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    try:
+        rows = sweep(checkpoints, nfes, num_prompts=cfg.num_prompts, seed=cfg.seed, real_seed=cfg.real_seed,
+                     floor_seed=cfg.floor_seed, reference_clips=cfg.reference_clips,
+                     teacher_guidance_scale=cfg.teacher_guidance_scale, bootstrap=cfg.bootstrap,
+                     batch_size=cfg.batch_size, labels=list(cfg.labels) if cfg.labels else None)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    seconds = time.perf_counter() - start
+    note = (f"{cfg.num_prompts} generated clips per row (the 72 captions cycled, sampling seed {cfg.seed}) against "
+            f"{cfg.reference_clips} real clips (seed {cfg.real_seed}); interval: {cfg.bootstrap} bootstrap "
+            f"resamples of both sets, stratified by prompt. Evaluation time {seconds:.0f} s "
+            f"({torch.get_num_threads()} threads).")
+    files = write_results(rows, cfg.out_dir, note)
     (Path(cfg.out_dir) / "checkpoints.json").write_text(json.dumps([str(c) for c in checkpoints], indent=2))
     if cfg.wandb:
         log_to_wandb(rows, files, Path(cfg.out_dir))
