@@ -1,4 +1,6 @@
-"""``python sample.py nfe=4``: any-step sampling from an export to mp4 files and a PNG contact sheet."""
+"""``python sample.py nfe=4``: any-step sampling to mp4 files and a PNG contact sheet, from an export of
+``train.py``, a released ``AnyFlow-Wan2.1-T2V-*-Diffusers`` folder (flow map) or a plain ``Wan2.1-T2V-*-Diffusers``
+folder (a velocity model: Euler at ``r = t``)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from anyflow.config import config_dir, register_resolvers
+from anyflow.config import as_dtype
 from anyflow.export import check_export, newest_export, read_metadata
 from anyflow.models import FlowMapWanTransformer3DModel
+from anyflow.models.pipeline import WAN_NEGATIVE_PROMPT, FolderError, check_pipeline_folder, folder_kind, scheduler_shift
 from anyflow.models.autoencoder import IdentityAutoencoder, WanAutoencoder
 from anyflow.models.text_encoder import UMT5TextEncoder
 from anyflow.sampling import Sampler
@@ -35,27 +39,49 @@ def _mismatch(error: Exception) -> str:
     return text.strip().splitlines()[0].split(". ")[0][:200]
 
 
-def load_export(path: str | Path, device: str | torch.device = "cpu") -> Sampler:
-    """Load transformer, text encoder and autoencoder of an export; one clear sentence on mismatch."""
-    path = check_export(path)
-    meta = read_metadata(path)
-    if "latent_shape" not in meta:
-        raise SampleError(f"{str(path)!r} has no anyflow.json (latent shape, shift); sample from an export "
-                          "written by train.py.")
+def folder_metadata(path: Path) -> dict:
+    """``anyflow.json`` of an export, or what a plain Wan / released AnyFlow pipeline folder implies: a velocity
+    model sampled by Euler at ``r = t`` or a flow map, the scheduler's shift, Wan's negative prompt, 512 tokens."""
+    kind = folder_kind(path)
+    if kind == "export":
+        meta = read_metadata(path)
+        if "latent_shape" not in meta:
+            raise SampleError(f"{str(path)!r} has an anyflow.json without a latent shape; re-export it with train.py.")
+        return meta
+    if not (path / "model_index.json").is_file():
+        raise SampleError(f"{str(path)!r} has neither anyflow.json nor model_index.json; sample from an export "
+                          "written by train.py or a Wan2.1 / AnyFlow Diffusers folder.")
     try:
-        transformer = FlowMapWanTransformer3DModel.from_pretrained(path)
+        check_pipeline_folder(path, what="ckpt")
+    except FolderError as error:
+        raise SampleError(str(error)) from None
+    return {"stage": kind, "mode": "flowmap" if kind == "anyflow" else "teacher", "shift": scheduler_shift(path),
+            "negative_prompt": WAN_NEGATIVE_PROMPT, "max_length": 512}
+
+
+def load_export(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+                ) -> Sampler:
+    """A :class:`Sampler` for an export of ``train.py``, a plain Wan2.1 Diffusers folder (teacher mode) or a
+    released AnyFlow folder; ``sampler(prompts, nfe, noise=latents)`` samples it. ``dtype`` (e.g. bfloat16)
+    sets the transformer's and text encoder's weights; one clear sentence on a missing or mismatched part."""
+    path = check_export(path)
+    meta = folder_metadata(path)
+    dtype = as_dtype(dtype)
+    try:
+        transformer = FlowMapWanTransformer3DModel.from_pretrained(path, torch_dtype=dtype)
     except (ValueError, RuntimeError, OSError) as error:
         raise SampleError(f"checkpoint {str(path)!r} does not match its model config ({_mismatch(error)}); "
                           "re-export it or point ckpt= to a matching export.") from None
+    if not (path / "text_encoder").is_dir():
+        raise SampleError(f"{str(path)!r} has no text_encoder/; sample from a full export written by train.py.")
+    text_encoder = UMT5TextEncoder.from_pretrained(path, max_length=meta.get("max_length") or 32, torch_dtype=dtype)
+    autoencoder = WanAutoencoder.from_pretrained(path) if (path / "vae").is_dir() else IdentityAutoencoder()
+    if "latent_shape" not in meta:
+        meta["latent_shape"] = autoencoder.latent_shape(81, 480, 832)  # Wan2.1's 480p default
     channels = meta["latent_shape"][0]
     if transformer.config.in_channels != channels:
         raise SampleError(f"checkpoint {str(path)!r} takes {transformer.config.in_channels} latent channels but "
                           f"its anyflow.json says {channels}; point ckpt= to a matching export.")
-    text_encoder = UMT5TextEncoder.from_pretrained(path, max_length=meta.get("max_length", 32)) \
-        if (path / "text_encoder").is_dir() else None
-    if text_encoder is None:
-        raise SampleError(f"{str(path)!r} has no text_encoder/; sample from a full export written by train.py.")
-    autoencoder = WanAutoencoder.from_pretrained(path) if (path / "vae").is_dir() else IdentityAutoencoder()
     return Sampler(transformer.eval().to(device), text_encoder.to(device), autoencoder.to(device), meta, path)
 
 
@@ -103,10 +129,18 @@ def resolve_ckpt(cfg: DictConfig) -> Path:
 def run(cfg: DictConfig) -> dict:
     nfe = parse_nfe(cfg.nfe)
     prompts = read_prompts(cfg)
-    sampler = load_export(resolve_ckpt(cfg), "cuda" if torch.cuda.is_available() else "cpu")
-    videos = sampler(prompts, nfe, seed=cfg.seed, mode=cfg.get("mode"), guidance_scale=cfg.guidance_scale)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sampler = load_export(resolve_ckpt(cfg), device, cfg.get("dtype"))
+    size = {k: cfg.get(k) for k in ("num_frames", "height", "width")}
+    try:
+        shape = sampler.latent_shape(**size) if any(v is not None for v in size.values()) else None
+    except ValueError as error:
+        raise SampleError(str(error)) from None
+    videos = sampler(prompts, nfe, seed=cfg.seed, mode=cfg.get("mode"), guidance_scale=cfg.guidance_scale,
+                     latent_shape=shape)
     out = Path(cfg.out_dir)
-    files = [write_video(v, out / f"{i:02d}_{slugify(p)}_nfe{nfe}.mp4", fps=cfg.fps)
+    fps = cfg.get("fps") or (16 if isinstance(sampler.autoencoder, WanAutoencoder) else 8)  # Wan2.1 runs at 16 fps
+    files = [write_video(v, out / f"{i:02d}_{slugify(p)}_nfe{nfe}.mp4", fps=fps)
              for i, (p, v) in enumerate(zip(prompts, videos))]
     sheet = contact_sheet(videos, out / f"contact_sheet_nfe{nfe}.png")
     (out / "prompts.txt").write_text("\n".join(prompts) + "\n")

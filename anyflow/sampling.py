@@ -90,21 +90,35 @@ class Sampler:
     meta: dict
     path: Path | None = None
 
+    def latent_shape(self, num_frames: int | None = None, height: int | None = None,
+                     width: int | None = None) -> list[int]:
+        """The latent shape of ``num_frames × height × width`` clips (unset sizes: as trained); one sentence when
+        the autoencoder or the transformer's patch size cannot take them."""
+        trained = self.autoencoder.video_shape(self.meta["latent_shape"])
+        wanted = [v if v is not None else d for v, d in zip((num_frames, height, width), trained)]
+        shape = self.autoencoder.latent_shape(*wanted)
+        patch = self.transformer.config.patch_size
+        if any(n % p for n, p in zip(shape[1:], patch)):
+            raise ValueError(f"num_frames, height, width = {wanted} give latents of {shape[1:]}, which the "
+                             f"transformer's patch size {list(patch)} does not divide; pick sizes it divides.")
+        return shape
+
     @torch.no_grad()
     def __call__(self, prompts: list[str], nfe: int, *, seed: int = 0, mode: str | None = None,
                  guidance_scale: float = 1.0, negative_prompt: str | None = None, progress: bool = True,
-                 noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Videos ``[B, 3, F, H, W]`` in [-1, 1]; noise from ``seed`` (one draw per prompt, in order)."""
+                 noise: torch.Tensor | None = None, latent_shape: list[int] | None = None) -> torch.Tensor:
+        """Videos ``[B, 3, F, H, W]`` in [-1, 1]. ``noise`` (latents ``[B, C, F', H', W']``) or a draw from ``seed``
+        (one per prompt, in order) of ``latent_shape`` (default: as trained)."""
         device = next(self.transformer.parameters()).device
         if noise is None:
             generator = torch.Generator().manual_seed(seed)
-            noise = torch.randn(len(prompts), *self.meta["latent_shape"], generator=generator)
+            noise = torch.randn(len(prompts), *(latent_shape or self.meta["latent_shape"]), generator=generator)
         embeds = self.text_encoder.encode(prompts).to(device)
         negative = None
         if guidance_scale != 1.0:
             text = self.meta.get("negative_prompt", "") if negative_prompt is None else negative_prompt
             negative = self.text_encoder.encode([text]).to(device)
-        latents = sample(self.transformer, noise.to(device), embeds, nfe, self.meta.get("shift", 1.0),
+        latents = sample(self.transformer, noise.float().to(device), embeds, nfe, self.meta.get("shift", 1.0),
                          mode=mode or self.meta.get("mode", "flowmap"), guidance_scale=guidance_scale,
                          negative_embeds=negative, progress=progress)
         return self.autoencoder.decode(latents).clamp(-1, 1)

@@ -14,6 +14,10 @@ class IdentityAutoencoder(nn.Module):
     def latent_shape(self, num_frames: int, height: int, width: int) -> list[int]:
         return [3, int(num_frames), int(height), int(width)]
 
+    def video_shape(self, latent_shape: list[int]) -> list[int]:
+        """``[F, H, W]`` of the clips behind latents of ``latent_shape``."""
+        return list(latent_shape[1:])
+
     def encode(self, video: Tensor) -> Tensor:
         return video
 
@@ -24,10 +28,9 @@ class IdentityAutoencoder(nn.Module):
 class WanAutoencoder(nn.Module):
     """diffusers' ``AutoencoderKLWan`` with Wan's per-channel ``latents_mean`` / ``latents_std`` normalisation."""
 
-    def __init__(self, vae, source: str | Path | None = None):
+    def __init__(self, vae):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
-        self.source = Path(source) if source is not None else None  # the pipeline folder it was loaded from
         mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
         std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
         self.register_buffer("latents_mean", mean, persistent=False)
@@ -42,32 +45,34 @@ class WanAutoencoder(nn.Module):
         from anyflow.models.pipeline import check_pipeline_folder
 
         folder = check_pipeline_folder(folder, ("vae",), what="VAE folder")
-        return cls(AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=as_dtype(torch_dtype)), folder)
-
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write ``vae/``: linked from the source folder when loaded from one."""
-        from anyflow.models.pipeline import link_part
-
-        if self.source is not None:
-            link_part(self.source / "vae", Path(folder) / "vae")
-        else:
-            self.vae.save_pretrained(Path(folder) / "vae")
+        return cls(AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=as_dtype(torch_dtype)))
 
     def train(self, mode: bool = True):
         return super().train(False)
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> list[int]:
-        """``[z_dim, (F − 1)/4 + 1, H/8, W/8]`` for Wan2.1's VAE; ``F − 1`` must be a multiple of 4, ``H`` and ``W``
-        of 8."""
-        temporal, spatial = self.vae.config.scale_factor_temporal, self.vae.config.scale_factor_spatial
+        return self.latent_shape_for(self.vae.config, num_frames, height, width)
+
+    @staticmethod
+    def latent_shape_for(config, num_frames: int, height: int, width: int) -> list[int]:
+        """``[z_dim, (F − 1)/4 + 1, H/8, W/8]`` for a Wan2.1 VAE ``config``; ``F − 1`` must be a multiple of 4,
+        ``H`` and ``W`` of 8 (one sentence otherwise)."""
+        # configs written before diffusers stored the factors lack them: Wan2.1's VAE is 4× in time, 8× in space
+        temporal, spatial = config.get("scale_factor_temporal") or 4, config.get("scale_factor_spatial") or 8
         if (int(num_frames) - 1) % temporal:
             raise ValueError(f"num_frames={num_frames} does not fit the Wan VAE: num_frames − 1 must be a multiple of "
                              f"{temporal} (e.g. {(int(num_frames) - 1) // temporal * temporal + 1} or 81).")
         if int(height) % spatial or int(width) % spatial:
             raise ValueError(f"height={height}, width={width} do not fit the Wan VAE: both must be multiples of "
                              f"{spatial} (e.g. 480×832).")
-        return [self.vae.config.z_dim, (int(num_frames) - 1) // temporal + 1, int(height) // spatial,
-                int(width) // spatial]
+        return [config["z_dim"], (int(num_frames) - 1) // temporal + 1, int(height) // spatial, int(width) // spatial]
+
+    def video_shape(self, latent_shape: list[int]) -> list[int]:
+        """``[F, H, W]`` of the clips behind latents of ``latent_shape``: ``[(F' − 1)·4 + 1, 8·H', 8·W']``."""
+        temporal = self.vae.config.get("scale_factor_temporal") or 4
+        spatial = self.vae.config.get("scale_factor_spatial") or 8
+        _, frames, rows, cols = latent_shape
+        return [(frames - 1) * temporal + 1, rows * spatial, cols * spatial]
 
     @torch.no_grad()
     def encode(self, video: Tensor) -> Tensor:

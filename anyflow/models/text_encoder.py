@@ -33,14 +33,12 @@ def clean_prompt(text: str) -> str:
 class UMT5TextEncoder(nn.Module):
     """Frozen UMT5 encoder + tokenizer; ``encode(prompts) -> [B, max_length, d_model]``."""
 
-    def __init__(self, encoder: UMT5EncoderModel, tokenizer, max_length: int, cache_size: int = 256,
-                 source: str | Path | None = None):
+    def __init__(self, encoder: UMT5EncoderModel, tokenizer, max_length: int, cache_size: int = 256):
         super().__init__()
         self.encoder = encoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.cache_size = cache_size
-        self.source = Path(source) if source is not None else None  # the pipeline folder it was loaded from
         self._cache: OrderedDict[str, Tensor] = OrderedDict()
 
     @property
@@ -69,17 +67,10 @@ class UMT5TextEncoder(nn.Module):
         folder = check_pipeline_folder(folder, ("text_encoder", "tokenizer"), what="text encoder folder")
         encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=as_dtype(torch_dtype))
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
-        return cls(encoder, tokenizer, max_length, cache_size, source=folder)
+        return cls(encoder, tokenizer, max_length, cache_size)
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """Write ``text_encoder/`` and ``tokenizer/``: linked from the source folder when loaded from one."""
-        from anyflow.models.pipeline import link_part
-
         folder = Path(folder)
-        if self.source is not None:
-            for part in ("text_encoder", "tokenizer"):
-                link_part(self.source / part, folder / part)
-            return
         self.encoder.save_pretrained(folder / "text_encoder")
         self.tokenizer.save_pretrained(folder / "tokenizer")
 
