@@ -73,6 +73,8 @@ class AnyFlowModule(L.LightningModule):
         # the negative-prompt embedding [1, L, D] (text dropout, guidance fusion, CFG): given (e.g. from a latent
         # cache) or encoded once here; a buffer, so it follows the module's device but is never checkpointed
         if negative_embeds is None:
+            if text_encoder is None:
+                raise ValueError("AnyFlowModule needs a text encoder or negative_embeds (e.g. from a latent cache).")
             negative_embeds = text_encoder.encode([negative_prompt])
         self.register_buffer("negative_embedding", negative_embeds.detach().clone(), persistent=False)
         self._sharded = False
@@ -198,6 +200,9 @@ class AnyFlowModule(L.LightningModule):
         else:
             raise ValueError(f"unknown stage {self.stage_name!r}; use stage=teacher, pretrain or onpolicy.")
         logs["train/step_time"] = time.perf_counter() - self._step_start
+        skipped = getattr(self.trainer.datamodule, "skipped", None)  # unusable clips passed over so far
+        if skipped is not None:
+            logs["data/skipped"] = skipped
         self._log(logs, prog_bar=tuple(k for k in logs if k.endswith("_loss")))
 
     def _regression_step(self, x0, embeds, local, shared) -> dict:
@@ -328,6 +333,9 @@ class AnyFlowModule(L.LightningModule):
     def generate(self, prompts: list[str], nfe: int, *, seed: int = 0, guidance_scale: float = 1.0,
                  progress: bool = False) -> Tensor:
         """Videos ``[B, 3, F, H, W]`` in [-1, 1] for ``prompts`` with the EMA student at ``nfe`` steps."""
+        if self.text_encoder is None or self.autoencoder is None:
+            raise RuntimeError("this module trains from a latent cache and holds no VAE or text encoder; sample its "
+                               "export with sample.py instead.")
         meta = {"latent_shape": self.latent_shape, "shift": self.shift, "mode": self.sampling["mode"],
                 "negative_prompt": self.negative_prompt}
         sampler = Sampler(self.student, self.text_encoder, self.autoencoder, meta)
@@ -350,8 +358,8 @@ class AnyFlowModule(L.LightningModule):
             return
         info = {"stage": self.stage_name, "latent_shape": self.latent_shape, "shift": self.shift,
                 "mode": self.sampling["mode"], "negative_prompt": self.negative_prompt,
-                "max_length": getattr(self.text_encoder, "max_length", None), "step": int(self.global_step),
-                **metadata}
+                "max_length": getattr(self.text_encoder, "max_length", None) or self.negative_embedding.shape[1],
+                "step": int(self.global_step), **metadata}
 
         def write(tmp):
             write_export(tmp, self.student, state, text_encoder=self.text_encoder, autoencoder=self.autoencoder,

@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from anyflow.config import config_dir, register_resolvers
-from anyflow.data import AnyFlowDataModule
+from anyflow.data import DataError, build_datamodule
 from anyflow.export import newest_export
 from anyflow.models import FlowMapWanTransformer3DModel
 from anyflow.models.pipeline import FolderError, check_pipeline_folder
@@ -97,6 +97,25 @@ def build_text_encoder(cfg: DictConfig, init: Path | None):
     return instantiate(cfg.model.text_encoder)
 
 
+def build_frozen(cfg: DictConfig, init: Path | None) -> dict:
+    """The text encoder, the autoencoder and the latent shape; with ``data=latents`` neither network is built: the
+    latent shape and the negative prompt's embedding come from the cache."""
+    if cfg.data.get("precomputed"):
+        from anyflow.data.latents import load_negative, read_meta
+
+        meta = read_meta(cfg.data.path)
+        written_with = meta.get("model_path")
+        if written_with and written_with != cfg.model.get("path"):
+            log.warning("data.path=%s was written with model.path=%s, not %s", cfg.data.path, written_with,
+                        cfg.model.get("path"))
+        log.info("training from the latent cache %s: no VAE or text encoder is loaded", cfg.data.path)
+        return {"text_encoder": None, "autoencoder": None, "latent_shape": meta["latent_shape"],
+                "negative_embeds": load_negative(cfg.data.path)}
+    autoencoder = instantiate(cfg.model.autoencoder)
+    return {"text_encoder": build_text_encoder(cfg, init), "autoencoder": autoencoder,
+            "latent_shape": autoencoder.latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width)}
+
+
 def build_student(cfg: DictConfig, init: Path | None):
     if init is None:
         return instantiate(cfg.model.transformer, _convert_="all")
@@ -142,14 +161,11 @@ def build_module(cfg: DictConfig) -> AnyFlowModule:
         raise ConfigError(f"stage={cfg.stage.name!r} is unknown; use one of {', '.join(STAGES)}.")
     init = resolve_init(cfg)
     log.info("student initialised from %s", init or "the model config's weights (base)")
-    autoencoder = instantiate(cfg.model.autoencoder)
     return AnyFlowModule(
         **build_critics(cfg),
+        **build_frozen(cfg, init),
         stage=OmegaConf.to_container(cfg.stage, resolve=True),
         student=build_student(cfg, init),
-        text_encoder=build_text_encoder(cfg, init),
-        autoencoder=autoencoder,
-        latent_shape=autoencoder.latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width),
         shift=cfg.model.shift,
         negative_prompt=cfg.model.negative_prompt,
         seed=cfg.seed,
@@ -191,9 +207,8 @@ def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     check_model_folder(cfg)
     ckpt = resolve_ckpt(cfg)
+    data = build_datamodule(cfg.data, cfg.seed)  # first: a dataset with no usable clip fails before any model loads
     module = build_module(cfg)
-    data = AnyFlowDataModule(instantiate(cfg.data.train, _convert_="all"), batch_size=cfg.data.batch_size,
-                             num_workers=cfg.data.num_workers, seed=cfg.seed)
     trainer = build_trainer(cfg)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt)
@@ -211,6 +226,9 @@ def train(cfg: DictConfig) -> dict:
         for name, path in paths.items():
             if path.exists():
                 print(f"[anyflow] {name:10s} {path}")
+        if data.skipped:
+            print(f"[anyflow] data       {data.skipped} items skipped on rank 0 (unreadable, truncated, too short or "
+                  "missing; see the warnings)")
     return paths
 
 
@@ -221,7 +239,7 @@ register_resolvers()
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except ConfigError as error:
+    except (ConfigError, DataError) as error:
         raise SystemExit(f"error: {error}") from None
 
 

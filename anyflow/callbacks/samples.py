@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -9,6 +10,8 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from anyflow.video import contact_sheet, write_video
+
+log = logging.getLogger("anyflow")
 
 
 class SampleVideos(L.Callback):
@@ -26,6 +29,12 @@ class SampleVideos(L.Callback):
 
     def _sample(self, trainer: L.Trainer, module) -> None:
         if trainer.global_step == self.last_step or not self.prompts:
+            return
+        if module.text_encoder is None or module.autoencoder is None:  # trained from a latent cache
+            if self.last_step == -1 and trainer.global_rank == 0:
+                log.info("samples: skipped (training from a latent cache: no VAE or text encoder loaded); "
+                         "sample the export with sample.py")
+            self.last_step = trainer.global_step
             return
         self.last_step = trainer.global_step
         columns = [module.generate(self.prompts, n, seed=self.seed) for n in self.nfe]  # each [B, 3, F, H, W]

@@ -1,16 +1,63 @@
 """The Lightning DataModule: an endless, resumable stream of training batches.
 
 Batch ``i`` on rank ``k`` holds items ``((i·world + k)·B + j)`` of an epoch-wise order of the dataset
-(a seeded permutation per epoch, or the natural order for procedural data). It depends only on the
-iteration, so a run resumed from a checkpoint at iteration ``i`` sees exactly the batches an
-uninterrupted run would, on any number of ranks.
+(a seeded permutation per epoch, the dataset's own ``order(seed)`` when it has one, or the natural order for
+procedural data). It depends only on the iteration, so a run resumed from a checkpoint at iteration ``i`` sees
+exactly the batches an uninterrupted run would, on any number of ranks and workers.
+
+Real data has bad items. A dataset whose ``__getitem__`` raises :class:`SkipItem` has that item replaced by the
+next ones of the same order (position ``p`` tries ``order[p], order[p+1], …``): the replacement depends only on
+the position and the data, so resuming stays exact. Each item then carries ``skipped`` (how many were passed
+over to produce it); the DataModule strips it from the batch and keeps the running total
+(:attr:`AnyFlowDataModule.skipped`, logged as ``data/skipped``).
 """
 
 from __future__ import annotations
 
+import logging
+import time
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+log = logging.getLogger("anyflow")
+
+
+class SkipItem(Exception):
+    """An unusable item (unreadable, truncated, too short, no caption); the message says which and why."""
+
+
+class DataError(ValueError):
+    """A dataset that cannot train at all; the message is one sentence naming the folder and what is wrong."""
+
+
+class SkipLog:
+    """One warning line per skipped item (the first time this process meets it), at most ``per_minute`` lines a
+    minute; every skip is counted by the stream, whether or not a line is printed."""
+
+    def __init__(self, per_minute: int = 20, remember: int = 100_000):
+        self.per_minute, self.remember, self.hidden = per_minute, remember, 0
+        self._window, self._lines, self._seen = 0.0, 0, set()
+
+    def warn(self, reason: str) -> None:
+        if reason in self._seen:
+            return
+        if len(self._seen) < self.remember:
+            self._seen.add(reason)
+        now = time.monotonic()
+        if now - self._window > 60:
+            if self.hidden:
+                log.warning("data: %d more skipped items were not shown", self.hidden)
+            self._window, self._lines, self.hidden = now, 0, 0
+        if self._lines < self.per_minute:
+            self._lines += 1
+            log.warning("data: skipped %s", reason)
+        else:
+            self.hidden += 1
+
+
+SKIPS = SkipLog()
 
 
 class IterationStream(IterableDataset):
@@ -24,7 +71,25 @@ class IterationStream(IterableDataset):
     def _order(self, epoch: int) -> torch.Tensor | None:
         if not getattr(self.dataset, "shuffle", True):
             return None
+        if hasattr(self.dataset, "order"):  # e.g. tar shards: shuffled shards, shuffled items within each
+            return self.dataset.order(self.seed + epoch)
         return torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch))
+
+    def _item(self, order, index: int, n: int):
+        """The item at ``index`` of ``order``, or the first usable one after it; with ``skipped`` when the
+        dataset can skip."""
+        if not getattr(self.dataset, "skips", False):
+            return self.dataset[int(order[index]) if order is not None else index]
+        for tried in range(n):
+            j = (index + tried) % n
+            try:
+                item = self.dataset[int(order[j]) if order is not None else j]
+            except SkipItem as reason:
+                SKIPS.warn(str(reason))
+                continue
+            return {**item, "skipped": tried}
+        raise DataError(f"{getattr(self.dataset, 'source', 'the dataset')} has no usable item: all {n} were "
+                        "skipped (see the warnings above); fix or replace the data.")
 
     def __iter__(self):
         n = len(self.dataset)
@@ -41,19 +106,20 @@ class IterationStream(IterableDataset):
                 if position // n != epoch:
                     epoch = position // n
                     order = self._order(epoch)
-                index = position % n
-                yield self.dataset[int(order[index]) if order is not None else index]
+                yield self._item(order, position % n, n)
             iteration += workers
 
 
 class AnyFlowDataModule(L.LightningDataModule):
-    """Wraps a training dataset (items ``{"video" or "latents", "prompt"}``) into the iteration stream."""
+    """Wraps a training dataset (items ``{"video" or "latents", "prompt"[, "prompt_embeds"]}``) into the
+    iteration stream; counts skipped items (those the dataset rejected at start plus those met in the stream)."""
 
     def __init__(self, train: Dataset, batch_size: int = 16, num_workers: int = 0, seed: int = 0):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} must be at least 1.")
         self.train_set, self.batch_size, self.num_workers, self.seed = train, batch_size, num_workers, seed
+        self.skipped = int(getattr(train, "skipped_at_start", 0))
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -63,3 +129,28 @@ class AnyFlowDataModule(L.LightningDataModule):
                                  world_size=world)
         return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers,
                           persistent_workers=False)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, dict) and "skipped" in batch:
+            self.skipped += int(batch.pop("skipped").sum())
+        return batch
+
+    def teardown(self, stage: str) -> None:
+        if self.skipped and (self.trainer is None or self.trainer.is_global_zero):
+            log.info("data: %d items skipped in all on this rank (unreadable, truncated, too short or missing)",
+                     self.skipped)
+
+
+def build_datamodule(data_cfg, seed: int) -> AnyFlowDataModule:
+    """Instantiate ``data.train`` and wrap it; a :class:`DataError` comes out as itself, not as Hydra's
+    wrapped instantiation error."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        dataset = instantiate(data_cfg.train, _convert_="all")
+    except InstantiationException as error:
+        if isinstance(error.__cause__, DataError):
+            raise error.__cause__ from None
+        raise
+    return AnyFlowDataModule(dataset, batch_size=data_cfg.batch_size, num_workers=data_cfg.num_workers, seed=seed)
