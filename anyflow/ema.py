@@ -1,4 +1,4 @@
-"""Exponential moving average of a network's *trainable* weights, kept in fp32 (DESIGN §6).
+"""Exponential moving average of a network's *trainable* weights, kept in fp32 (docs/method.md §7).
 
 torch's ``AveragedModel`` copies the whole network (a frozen 14B base under LoRA included); this keeps a
 shadow only of the parameters that train, as buffers of an ``nn.Module``, so that Lightning checkpoints

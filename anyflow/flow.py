@@ -1,4 +1,4 @@
-"""Flow-map maths in unit time (DESIGN §2, §5).
+"""Flow-map maths in unit time (docs/method.md §1–§5).
 
 Conventions: ``t = 1`` is pure noise, ``t = 0`` is data; tensors are ``[B, C, F, H, W]``.
 Times are *unit* time everywhere in this module; the ×1000 scale exists only at the
@@ -114,7 +114,7 @@ def sample_t_r(
     generator: torch.Generator | None = None,
     device=None,
 ) -> tuple[Tensor, Tensor]:
-    """Draw the pretrain times ``(t, r)`` for this rank's ``batch_size`` samples (DESIGN §5.1).
+    """Draw the pretrain times ``(t, r)`` for this rank's ``batch_size`` samples (docs/method.md §5.1).
 
     ``a, b ~ U(0, 1)``, ``t = max(a, b)``, ``r = min(a, b)``. Over the *global* batch (ranks in order,
     then index) the first ``round(diffusion_ratio·N)`` samples get ``r = t`` and the next

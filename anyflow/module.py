@@ -1,4 +1,4 @@
-"""The LightningModule: networks + optimizers + the stage's update loop (DESIGN §7).
+"""The LightningModule: networks + optimizers + the stage's update loop (docs/module.md).
 
 Manual optimization. Every training step performs exactly one ``optimizer.step()`` of a Lightning
 optimizer, so Lightning's ``global_step`` — and with it ``trainer.max_steps``, ``every_n_train_steps`` and
@@ -224,7 +224,7 @@ class AnyFlowModule(L.LightningModule):
                 logs["train/jump_loss"] = (per_sample * ~is_diffusion).sum() / (len(per_sample) - n_diffusion)
         return logs
 
-    # ------------------------------------------------------------------ on-policy distillation (DESIGN §6)
+    # ------------------------------------------------------------------ on-policy distillation (docs/method.md §6)
     def is_generator_iteration(self, iteration: int) -> bool:
         """One generator update after every ``generator_every`` critic updates."""
         every = int(self.stage.get("generator_every", 1))

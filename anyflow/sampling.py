@@ -1,4 +1,4 @@
-"""Any-step sampling with a flow map, and the flow-map backward simulation (DESIGN §2, §6).
+"""Any-step sampling with a flow map, and the flow-map backward simulation (docs/method.md §3, §6.2).
 
 Networks are called only through :func:`call_model`, i.e. the forward signature of
 :class:`anyflow.models.FlowMapWanTransformer3DModel` with unit time converted to 0..1000 there.
@@ -43,7 +43,7 @@ def guided(model, x: Tensor, t: Tensor, r: Tensor, prompt_embeds: Tensor, negati
 
 def sample(model, noise: Tensor, prompt_embeds: Tensor, nfe: int, shift: float = 1.0, *, mode: str = "flowmap",
            guidance_scale: float = 1.0, negative_embeds: Tensor | None = None, progress: bool = True) -> Tensor:
-    """Any-step sampler: ``x ← x − (τ_i − τ_{i+1})·u(x, τ_i, r)`` over the shifted K-step schedule (DESIGN §2).
+    """Any-step sampler: ``x ← x − (τ_i − τ_{i+1})·u(x, τ_i, r)`` over the shifted K-step schedule (docs/method.md §3).
 
     ``mode="flowmap"`` jumps with ``r = τ_{i+1}``; ``mode="teacher"`` evaluates a velocity model at ``r = t``
     (plain Euler). Returns ``x̂_0``.
@@ -61,7 +61,7 @@ def sample(model, noise: Tensor, prompt_embeds: Tensor, nfe: int, shift: float =
 
 def backward_simulation(model, noise: Tensor, prompt_embeds: Tensor, nfe: int, split: int, shift: float = 1.0,
                         *, guidance_scale: float = 1.0, negative_embeds: Tensor | None = None) -> Tensor:
-    """Flow-map backward simulation (DESIGN §6): the student's on-policy sample of a K-step rollout.
+    """Flow-map backward simulation (docs/method.md §6.2): the student's on-policy sample of a K-step rollout.
 
     With the K-step schedule ``τ`` and a split ``j``, jump ``τ_0 → τ_j`` (skipped if j = 0), take the single
     step ``τ_j → τ_{j+1}``, then jump ``τ_{j+1} → 0`` (skipped if j + 1 = K): at most three network calls for

@@ -1,4 +1,4 @@
-"""Procedural moving-shape clips with captions (the embedded toy data, DESIGN §9).
+"""Procedural moving-shape clips with captions (the embedded toy data; docs/toy.md).
 
 Each clip shows one coloured shape (circle, square, triangle) moving in a straight line in one of four
 directions on a dark background, with a random start and speed; its caption is e.g. "a red circle moving

@@ -1,4 +1,4 @@
-"""The flow-map network ``u_θ(x_t, t, r)``: diffusers' Wan transformer with a second time input (DESIGN §3).
+"""The flow-map network ``u_θ(x_t, t, r)``: diffusers' Wan transformer with a second time input (docs/network.md).
 
     e_t  = time_embedder(sin(1000·t)),   e_r = delta_embedder(sin(1000·r))    (or of 1000·(t − r))
     e    = (1 − g)·e_t + g·e_r

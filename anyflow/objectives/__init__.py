@@ -1,4 +1,4 @@
-"""Losses as pure functions of networks and tensors, one module per family (DESIGN §4–§6)."""
+"""Losses as pure functions of networks and tensors, one module per family (docs/method.md §4–§6)."""
 
 from anyflow.objectives.dmd import dmd_generator_loss, dmd_gradient, dmd_loss
 from anyflow.objectives.flowmap import flowmap_loss

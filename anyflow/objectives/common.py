@@ -24,7 +24,7 @@ def drop_text(prompt_embeds: Tensor, negative_embeds: Tensor | None, ratio: floa
 
 
 def fuse_guidance(u_cond: Tensor, u_uncond: Tensor, w: Tensor) -> Tensor:
-    """Guidance fusion (DESIGN §5.4): the conditional field implied by a guided prediction,
+    """Guidance fusion (docs/method.md §5.4): the conditional field implied by a guided prediction,
     ``(u_θ(c) − (1 − w)·u_∅) / w``, with per-sample ``w`` ``[B]``."""
     w = w.view(-1, *([1] * (u_cond.ndim - 1))).to(u_cond.dtype)
     return (u_cond - (1 - w) * u_uncond) / w

@@ -1,4 +1,4 @@
-"""Distribution matching (DMD) for the on-policy stage (DESIGN §6, generator update).
+"""Distribution matching (DMD) for the on-policy stage (generator update; docs/method.md §6.3).
 
 With ``x̂_0`` the student's sample, ``x_t`` its noised copy at ``t``, and the x0-predictions of the fake score
 and of the teacher (classifier-free guided as ``cond + s·(cond − uncond)``),

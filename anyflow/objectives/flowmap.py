@@ -1,4 +1,4 @@
-"""Stage ``pretrain``: forward flow-map training with the MeanFlow identity (DESIGN §5).
+"""Stage ``pretrain``: forward flow-map training with the MeanFlow identity (docs/method.md §5).
 
 For ``(t, r)`` with ``r ≤ t``, ``x_t = (1 − t)·x_0 + t·ε`` and ``v = ε − x_0``, the average velocity obeys
 

@@ -1,4 +1,4 @@
-"""Non-saturating GAN losses on discriminator logits (DMD2 style; DESIGN §6).
+"""Non-saturating GAN losses on discriminator logits (DMD2 style; docs/method.md §6).
 
     generator:      softplus(−D(fake))
     discriminator:  softplus(−D(real)) + softplus(D(fake))

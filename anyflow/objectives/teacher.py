@@ -1,4 +1,4 @@
-"""Stage ``teacher``: rectified-flow matching of a velocity model (DESIGN §4).
+"""Stage ``teacher``: rectified-flow matching of a velocity model (docs/method.md §4).
 
     t ~ logit-normal(0, 1), shifted;   x_t = (1 − t)·x_0 + t·ε;   loss = w(t)·‖v_θ(x_t, t) − (ε − x_0)‖²
 
