@@ -7,9 +7,10 @@ exactly the batches an uninterrupted run would, on any number of ranks and worke
 
 Real data has bad items. A dataset whose ``__getitem__`` raises :class:`SkipItem` has that item replaced by the
 next ones of the same order (position ``p`` tries ``order[p], order[p+1], …``): the replacement depends only on
-the position and the data, so resuming stays exact. Each item then carries ``skipped`` (how many were passed
-over to produce it); the DataModule strips it from the batch and keeps the running total
-(:attr:`AnyFlowDataModule.skipped`, logged as ``data/skipped``).
+the position and the data, so resuming stays exact. Each item then carries ``skipped``: the reasons of the
+items passed over to produce it, one per line. The DataModule takes them out of the batch in the main process,
+warns once per bad item (whichever worker met it) and keeps the running total (:attr:`AnyFlowDataModule.skipped`,
+logged as ``data/skipped``).
 """
 
 from __future__ import annotations
@@ -76,18 +77,19 @@ class IterationStream(IterableDataset):
         return torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch))
 
     def _item(self, order, index: int, n: int):
-        """The item at ``index`` of ``order``, or the first usable one after it; with ``skipped`` when the
-        dataset can skip."""
+        """The item at ``index`` of ``order``, or the first usable one after it; with ``skipped`` (the reasons,
+        one per line) when the dataset can skip."""
         if not getattr(self.dataset, "skips", False):
             return self.dataset[int(order[index]) if order is not None else index]
+        reasons = []
         for tried in range(n):
             j = (index + tried) % n
             try:
                 item = self.dataset[int(order[j]) if order is not None else j]
             except SkipItem as reason:
-                SKIPS.warn(str(reason))
+                reasons.append(str(reason).replace("\n", " "))
                 continue
-            return {**item, "skipped": tried}
+            return {**item, "skipped": "\n".join(reasons)}
         raise DataError(f"{getattr(self.dataset, 'source', 'the dataset')} has no usable item: all {n} were "
                         "skipped (see the warnings above); fix or replace the data.")
 
@@ -132,7 +134,10 @@ class AnyFlowDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         if isinstance(batch, dict) and "skipped" in batch:
-            self.skipped += int(batch.pop("skipped").sum())
+            for reasons in batch.pop("skipped"):
+                for reason in reasons.splitlines():
+                    SKIPS.warn(reason)
+                    self.skipped += 1
         return batch
 
     def teardown(self, stage: str) -> None:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw, ImageFont
 
 from anyflow.config import config_dir, register_resolvers
-from anyflow.data.datamodule import DataError, IterationStream, build_datamodule
+from anyflow.data.datamodule import SKIPS, DataError, IterationStream, build_datamodule
 
 PAD, TEXT = 4, 14  # pixels between tiles; caption font size
 
@@ -61,6 +61,9 @@ def preview(cfg: DictConfig) -> Path:
     data = build_datamodule(cfg.data, cfg.seed)
     dataset = data.train_set
     items = list(islice(iter(IterationStream(dataset, 1, seed=cfg.seed)), int(cfg.n)))
+    for item in items:
+        for reason in item.pop("skipped", "").splitlines():
+            SKIPS.warn(reason)
     autoencoder = instantiate(cfg.model.autoencoder) if any("video" not in item for item in items) else None
     rows = []
     for item in items:

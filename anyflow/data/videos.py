@@ -88,7 +88,7 @@ def _caption(record: dict) -> str | None:
 def _records(folder: Path, captions: str | None) -> tuple[list[dict], str]:
     """Raw ``{"video", "caption"}`` records and where they came from."""
     if captions is None:
-        found = sorted(folder.glob("*.jsonl")) or sorted(folder.glob("*.csv"))
+        found = sorted(folder.glob("*.jsonl")) + sorted(folder.glob("*.csv"))
         if len(found) > 1:
             raise DataError(f"data.path={str(folder)!r} holds several caption files ({', '.join(p.name for p in found)});"
                             " choose one with data.captions=NAME.")
