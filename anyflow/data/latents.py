@@ -8,7 +8,7 @@ Layout of a cache folder (safetensors: memory-mapped, one item read without load
     shard-000000.safetensors   latents        [N, C, f, h, w]  normalised VAE latents of source items s·S … s·S+S−1
                                prompt_embeds  [ΣLᵢ, D]         each prompt's embedding up to its length Lᵢ
                                prompt_lengths [N]               Lᵢ (the rows past Lᵢ are zero, so they are not stored)
-                               metadata: prompts, keys (source names), skipped (reasons) as JSON lists
+                               metadata "anyflow": JSON {prompts, keys (source names), skipped (reasons)}
     …
     meta.json                  written last, so its presence marks a finished cache: shards, item counts,
                                latent_shape, max_length, text_dim, the source settings and skip counts
@@ -50,6 +50,9 @@ def atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]
     """``save_file`` to a temporary name, then rename: a killed writer leaves no half-written file behind."""
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # readable like any other file (save_file creates it private)
     os.replace(tmp, path)
 
 
@@ -62,15 +65,15 @@ def write_shard(path: Path, latents: list[Tensor], embeds: list[Tensor], prompts
         "prompt_embeds": torch.cat([e[:n] for e, n in zip(embeds, lengths)]).cpu() if embeds else torch.zeros(0),
         "prompt_lengths": torch.tensor(lengths, dtype=torch.int64),
     }
-    metadata = {"prompts": json.dumps(prompts, ensure_ascii=False), "keys": json.dumps(keys, ensure_ascii=False),
-                "skipped": json.dumps(skipped, ensure_ascii=False)}
-    atomic_save(tensors, path, metadata)
+    # one metadata entry: safetensors writes several in no fixed order, and shards must be the same bytes every time
+    info = json.dumps({"prompts": prompts, "keys": keys, "skipped": skipped}, ensure_ascii=False, sort_keys=True)
+    atomic_save(tensors, path, {"anyflow": info})
 
 
 def shard_metadata(path: Path) -> dict:
+    """``{"prompts", "keys", "skipped"}`` of a shard."""
     with safe_open(str(path), "pt") as handle:
-        meta = handle.metadata()
-    return {k: json.loads(v) for k, v in meta.items()}
+        return json.loads(handle.metadata()["anyflow"])
 
 
 def read_meta(path: str | Path) -> dict:
@@ -119,10 +122,10 @@ class LatentCache(Dataset):
     def _shard(self, shard: int):
         if shard not in self._handles:
             handle = safe_open(str(self.files[shard]), "pt")
-            meta = handle.metadata()
+            meta = json.loads(handle.metadata()["anyflow"])
             offsets = torch.cat([torch.zeros(1, dtype=torch.int64), handle.get_tensor("prompt_lengths").cumsum(0)])
             self._handles[shard] = handle
-            self._prompts[shard] = (json.loads(meta["prompts"]), json.loads(meta["keys"]), offsets)
+            self._prompts[shard] = (meta["prompts"], meta["keys"], offsets)
         return self._handles[shard], self._prompts[shard]
 
     def locate(self, index: int) -> tuple[int, int]:
