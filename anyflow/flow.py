@@ -103,6 +103,15 @@ def split_counts(global_batch: int, diffusion_ratio: float, consistency_ratio: f
     return n_diff, n_cons
 
 
+def rank_positions(batch_size: int, rank: int = 0, world_size: int = 1) -> Tensor:
+    """The global-batch positions a rank holds: ``rank, rank + W, rank + 2W, …`` (``batch_size`` of them).
+
+    Dealing the global batch out like cards spreads any run of consecutive positions (e.g. the diffusion
+    samples) evenly: every rank gets ``⌊n/W⌋`` or ``⌈n/W⌉`` of them, the same count when ``W`` divides ``n``.
+    """
+    return torch.arange(rank, batch_size * world_size, world_size)
+
+
 def sample_t_r(
     batch_size: int,
     *,
@@ -116,10 +125,12 @@ def sample_t_r(
 ) -> tuple[Tensor, Tensor]:
     """Draw the pretrain times ``(t, r)`` for this rank's ``batch_size`` samples (docs/method.md §5.1).
 
-    ``a, b ~ U(0, 1)``, ``t = max(a, b)``, ``r = min(a, b)``. Over the *global* batch (ranks in order,
-    then index) the first ``round(diffusion_ratio·N)`` samples get ``r = t`` and the next
+    ``a, b ~ U(0, 1)``, ``t = max(a, b)``, ``r = min(a, b)`` for the ``N = batch_size·world_size`` positions of
+    the global batch; the first ``round(diffusion_ratio·N)`` positions get ``r = t`` and the next
     ``round(consistency_ratio·N)`` get ``r = 0``. Both are then shifted. ``generator`` must be seeded
-    identically on all ranks: the whole global batch is drawn and this rank keeps its slice.
+    identically on all ranks: the whole global batch is drawn and this rank keeps the positions of
+    :func:`rank_positions`, so every rank holds the same mix of diffusion, consistency and general samples
+    (in that order) and no rank waits for one that holds all the expensive ones.
     """
     n = batch_size * world_size
     n_diff, n_cons = split_counts(n, diffusion_ratio, consistency_ratio)
@@ -128,7 +139,7 @@ def sample_t_r(
     r[:n_diff] = t[:n_diff]
     r[n_diff : n_diff + n_cons] = 0.0
     t, r = shift(t, s), shift(r, s)
-    mine = slice(rank * batch_size, (rank + 1) * batch_size)
+    mine = rank_positions(batch_size, rank, world_size)
     return t[mine].float().to(device), r[mine].float().to(device)
 
 

@@ -65,15 +65,32 @@ def test_split_counts_over_two_simulated_ranks():
     for rank in range(2):
         g = torch.Generator().manual_seed(123)  # identical on both ranks
         parts.append(flow.sample_t_r(4, rank=rank, world_size=2, generator=g))
-    t = torch.cat([p[0] for p in parts])
-    r = torch.cat([p[1] for p in parts])
-    assert torch.equal(t[:4], r[:4])  # rank 0 holds the 4 diffusion samples
-    assert torch.all(r[4:6] == 0) and torch.all(t[4:6] > 0)  # rank 1 starts with the 2 consistency samples
-    assert torch.all(r[6:] < t[6:]) and torch.all(r[6:] > 0)
-    # and the same draw on one rank with the global batch gives the same times
+    for t, r in parts:  # dealt out evenly: each rank holds 2 diffusion, 1 consistency and 1 general sample
+        assert torch.equal(t[:2], r[:2])
+        assert r[2] == 0 and t[2] > 0
+        assert 0 < r[3] < t[3]
+    # rank k holds global positions k, k + 2, …: the same draw on one rank with the global batch interleaves them
     g = torch.Generator().manual_seed(123)
     t1, r1 = flow.sample_t_r(8, generator=g)
-    assert torch.equal(t1, t) and torch.equal(r1, r)
+    assert torch.equal(t1[0::2], parts[0][0]) and torch.equal(t1[1::2], parts[1][0])
+    assert torch.equal(r1[0::2], parts[0][1]) and torch.equal(r1[1::2], parts[1][1])
+    assert torch.equal(t1[:4], r1[:4]) and torch.all(r1[4:6] == 0)  # global composition as before
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_split_spreads_each_kind_evenly_over_ranks(world_size):
+    # global batch 12: 6 diffusion, 3 consistency, 3 general (no divisibility assumed for W = 4)
+    counts = []
+    for rank in range(world_size):
+        t, r = flow.sample_t_r(12 // world_size, rank=rank, world_size=world_size,
+                               generator=torch.Generator().manual_seed(5))
+        counts.append(((t == r).sum().item(), (r == 0).sum().item(), ((r > 0) & (r < t)).sum().item()))
+    assert [sum(c[k] for c in counts) for k in range(3)] == [6, 3, 3]
+    for k in range(3):  # every rank within one sample of every other
+        assert max(c[k] for c in counts) - min(c[k] for c in counts) <= 1
+    if world_size == 3:  # divisible: identical mix on every rank
+        assert counts == [(2, 1, 1)] * 3
+    assert flow.rank_positions(3, 1, 4).tolist() == [1, 5, 9]
 
 
 def test_sample_t_r_shift_applies_to_both():

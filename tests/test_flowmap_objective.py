@@ -1,11 +1,13 @@
 import pytest
 import torch
+from conftest import fast_overrides, run_cli
 from stubs import Analytic
 
 from anyflow.flow import add_noise, time_weight, velocity
 from anyflow.models import FlowMapWanTransformer3DModel
 from anyflow.objectives import flow_matching_loss, flowmap_loss
-from anyflow.objectives.flowmap import no_grad_forwards, rescale_to_diffusion_mean
+from anyflow.objectives.common import fuse_guidance, per_sample_mse
+from anyflow.objectives.flowmap import drop_mask, no_grad_forwards, rescale_to_diffusion_mean
 
 
 def _batch(b=4):
@@ -51,7 +53,7 @@ def test_gradient_reaches_only_the_graded_forward():
     scaled.mean().backward()
     assert model.theta.grad.item() == pytest.approx(theta.grad.item(), rel=1e-6)  # times pass as float32
     assert model.calls == 2  # one batched no-grad call + one graded call
-    assert model.batch_sizes == [8, 4]
+    assert model.batch_sizes == [4, 4]  # t ± δ of the two r ≠ t samples only
 
 
 def test_guidance_fusion_prediction_and_derivative():
@@ -71,7 +73,7 @@ def test_guidance_fusion_prediction_and_derivative():
     assert torch.allclose(out["prediction"], (u_c - (1 - w) * u_0) / w)
     dudt = 0.5 * (v * tt**2 + 2 * x_t * tt) / w
     assert torch.allclose(out["target"], v - (tt - rr) * dudt, atol=1e-4)
-    assert model.batch_sizes == [6, 2]  # t+δ, t−δ and the negative prompt in one call
+    assert model.batch_sizes == [4, 2]  # t ± δ of the one r ≠ t sample and both u_∅ in one call
 
 
 def test_batched_no_grad_call_equals_separate_calls(tiny_kwargs):
@@ -144,3 +146,112 @@ def test_teacher_flow_matching_loss_value():
     v = noise - x0
     expected = ((t.view(-1, 1, 1, 1, 1) - v) ** 2).flatten(1).mean(1).mean()
     assert out["loss"].item() == pytest.approx(expected.item())
+
+
+def _full_computation(model, x0, noise, embeds, t, r, negative, w, dropped, delta=0.005, weighting="uniform"):
+    """The previous implementation: both derivative forwards and u_∅ for every sample, in one no-grad call."""
+    from anyflow.flow import derivative_times, expand_like, mean_flow_target
+    from anyflow.sampling import call_model
+
+    embeds = torch.where(dropped.view(-1, 1, 1), negative.expand_as(embeds), embeds)
+    w = torch.where(dropped, torch.ones_like(w), w)
+    x_t, v = add_noise(x0, noise, t), velocity(x0, noise)
+    t_lo, t_hi = derivative_times(t, delta, r)
+    xs = [x_t + expand_like(t_hi - t, x_t) * v, x_t - expand_like(t - t_lo, x_t) * v, x_t]
+    with torch.no_grad():
+        out = call_model(model, torch.cat(xs), torch.cat([t_hi, t_lo, t]), torch.cat([r, r, r]),
+                         torch.cat([embeds, embeds, negative.expand_as(embeds)])).chunk(3)
+    dudt = (out[0] - out[1]) / expand_like(t_hi - t_lo, x_t) / expand_like(w, x_t)
+    prediction = fuse_guidance(call_model(model, x_t, t, r, embeds), out[2], w)
+    target = mean_flow_target(v, t, r, dudt)
+    per_sample = per_sample_mse(prediction, target) * time_weight(t, weighting)
+    return target, prediction, per_sample
+
+
+def test_skipping_zero_terms_equals_the_full_computation():
+    model = Analytic(theta=0.6).double()
+    x0, noise, _ = _batch(6)
+    embeds = torch.randn(6, 3, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    negative = torch.full((1, 3, 8), -0.3, dtype=torch.float64)
+    t = torch.tensor([0.9, 0.5, 0.7, 0.3, 0.999, 0.6], dtype=torch.float64)
+    r = torch.tensor([0.9, 0.5, 0.0, 0.1, 0.4, 0.598], dtype=torch.float64)
+    dropped = drop_mask(6, 0.5, torch.Generator().manual_seed(4))
+    assert 0 < dropped.sum() < 6  # some prompts dropped, some kept
+    out = flowmap_loss(model, x0, embeds, noise=noise, t=t, r=r, negative_embeds=negative, guidance_scale=3.0,
+                       drop_text_ratio=0.5, time_generator=torch.Generator().manual_seed(4), weighting="uniform")
+    jumps = 4
+    assert model.batch_sizes == [2 * jumps + int((~dropped).sum()), 6]  # nothing for r = t or for dropped u_∅
+    target, prediction, per_sample = _full_computation(Analytic(theta=0.6).double(), x0, noise, embeds, t, r,
+                                                       negative, torch.full((6,), 3.0, dtype=torch.float64), dropped)
+    assert torch.allclose(out["target"], target, rtol=0, atol=1e-12)
+    assert torch.allclose(out["prediction"], prediction, rtol=0, atol=1e-12)
+    assert torch.equal(out["per_sample"], per_sample.detach())
+    assert torch.equal(out["target"][:2], velocity(x0, noise)[:2])  # diffusion samples: v exactly
+    assert out["n_diffusion"] == 2 and out["is_diffusion"].tolist() == [True, True, False, False, False, False]
+
+
+def test_t_equals_r_equals_one_is_finite():
+    x0, noise, embeds = _batch(4)
+    ones = torch.ones(4, dtype=torch.float64)
+    model = Analytic(theta=0.7).double()
+    out = flowmap_loss(model, x0, embeds, noise=noise, t=ones, r=ones, weighting="uniform")
+    assert torch.isfinite(out["loss"]) and torch.equal(out["target"], velocity(x0, noise))
+    assert model.calls == 1  # all diffusion: no derivative forwards at all
+    # one such sample in a mixed batch leaves the others' losses and the gradient finite and unchanged
+    t = torch.tensor([1.0, 0.8, 0.6, 0.5], dtype=torch.float64)
+    r = torch.tensor([1.0, 0.8, 0.0, 0.2], dtype=torch.float64)
+    mixed = flowmap_loss(model, x0, embeds, noise=noise, t=t, r=r, weighting="uniform")
+    mixed["loss"].backward()
+    assert torch.isfinite(mixed["loss"]) and torch.isfinite(model.theta.grad)
+    rest = flowmap_loss(Analytic(theta=0.7).double(), x0[1:], embeds[1:], noise=noise[1:], t=t[1:], r=r[1:],
+                        weighting="uniform")
+    assert torch.allclose(mixed["target"][1:], rest["target"], rtol=0, atol=1e-12)
+    assert torch.isfinite(mixed["per_sample"]).all()
+
+
+def test_a_rank_without_jump_samples_still_makes_the_no_grad_call():
+    x0, noise, embeds = _batch(2)
+    t = torch.tensor([0.7, 0.4], dtype=torch.float64)
+
+    def run(world_size):
+        model = Analytic().double()
+        flowmap_loss(model, x0, embeds, noise=noise, t=t, r=t, rank=0, world_size=world_size,
+                     all_reduce=lambda x: x)
+        return model.batch_sizes
+
+    assert run(1) == [2]  # alone: nothing to compute, no call
+    assert run(2) == [1, 2]  # sharded peers may need theirs: one padded row, then the graded call
+
+
+def test_no_grad_forwards_on_row_subsets_equal_separate_calls(tiny_kwargs):
+    torch.manual_seed(0)
+    model = FlowMapWanTransformer3DModel(**tiny_kwargs)
+    g = torch.Generator().manual_seed(1)
+    x_t, v = torch.randn(3, 3, 2, 8, 8, generator=g), torch.randn(3, 3, 2, 8, 8, generator=g)
+    e, neg = torch.randn(3, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
+    t, r = torch.tensor([0.6, 0.5, 0.999]), torch.tensor([0.1, 0.5, 0.3])
+    dudt, uncond = no_grad_forwards(model, x_t, v, t, r, e, 0.005, neg, jump=torch.tensor([0, 2]),
+                                    uncond=torch.tensor([1]))
+    full, full_uncond = no_grad_forwards(model, x_t, v, t, r, e, 0.005, neg)
+    assert dudt.shape[0] == 2 and uncond.shape[0] == 1
+    assert torch.allclose(dudt, full[[0, 2]], atol=1e-4) and torch.allclose(uncond, full_uncond[[1]], atol=1e-5)
+    assert no_grad_forwards(model, x_t, v, t, r, e, 0.005, jump=torch.tensor([], dtype=torch.long)) == (None, None)
+
+
+def test_text_dropout_is_drawn_for_the_global_batch():
+    # rank k keeps global positions k, k + W, …: the ranks' masks interleave into the single-rank mask
+    whole = drop_mask(8, 0.5, torch.Generator().manual_seed(2))
+    parts = [drop_mask(4, 0.5, torch.Generator().manual_seed(2), rank=k, world_size=2) for k in range(2)]
+    assert torch.equal(whole[0::2], parts[0]) and torch.equal(whole[1::2], parts[1])
+    assert 0 < whole.sum() < 8
+    assert not drop_mask(3, 0.0).any()
+
+
+@pytest.mark.slow
+def test_fsdp_rank_without_jump_samples_does_not_hang(tmp_path):
+    """2 CPU processes: batch 1 per rank, so rank 0 holds the only diffusion sample and rank 1 a jump sample.
+    Rank 0 must still make the no-grad call rank 1 makes (FSDP all-gathers inside it), or both hang."""
+    args = fast_overrides(tmp_path, "pretrain", "init_from=base", "trainer=fsdp", "trainer.accelerator=cpu",
+                          "trainer.devices=2", "trainer.max_steps=2", "data.batch_size=1")
+    result = run_cli("train.py", *args, f"hydra.run.dir={tmp_path}/run", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -8,7 +8,13 @@ For ``(t, r)`` with ``r ≤ t``, ``x_t = (1 − t)·x_0 + t·ε`` and ``v = ε �
 (the one-sided interval that stays inside [0, 1] near the ends, and above ``r`` when ``t − r < δ``).
 With guidance fusion at scale ``w`` the prediction in the loss is ``(u_θ(x_t,t,r|c) − (1 − w)·u_∅) / w``
 and ``dU/dt`` is divided by ``w``. The loss is a per-sample MSE times ``w(t)``; samples with ``r ≠ t`` are
-rescaled (scale detached) to the global mean loss of the diffusion samples (``r = t``). All no-gradient forwards of a step run as one batched call.
+rescaled (scale detached) to the global mean loss of the diffusion samples (``r = t``).
+
+Nothing the maths multiplies by zero is computed: a diffusion sample's target is ``v`` whatever ``dU/dt`` is
+(so its two derivative forwards are skipped, and ``t = r = 1``, whose difference interval is empty, cannot
+produce 0/0), and a text-dropped sample has ``w = 1`` (so it needs no ``u_∅``). The remaining no-gradient
+forwards of a step run as one batched call. Which rows need them is decided on the host from the times and
+the dropout draw (both drawn on the CPU), so the step has no device-to-host synchronisation.
 """
 
 from __future__ import annotations
@@ -24,28 +30,54 @@ from anyflow.flow import (
     dist_rank_world,
     expand_like,
     mean_flow_target,
+    rank_positions,
     sample_t_r,
     time_weight,
     velocity,
 )
-from anyflow.objectives.common import all_reduce_sum, condition, fuse_guidance, per_sample_mse, randn_like
+from anyflow.objectives.common import all_reduce_sum, fuse_guidance, guidance_weights, per_sample_mse, randn_like
 from anyflow.sampling import call_model
 
 
+def to_device(x: Tensor, device) -> Tensor:
+    """A host tensor on ``device`` without blocking the host (pinned, asynchronous copy to a GPU)."""
+    if torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def no_grad_forwards(model, x_t: Tensor, v: Tensor, t: Tensor, r: Tensor, embeds: Tensor, delta: float,
-                     negative_embeds: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """``dU/dt`` by central difference and, when ``negative_embeds`` is given, ``u_∅(x_t, t, r)``,
-    computed in **one** batched network call without gradient."""
-    t_lo, t_hi = derivative_times(t, delta, r)
-    x_hi = x_t + expand_like(t_hi - t, x_t) * v
-    x_lo = x_t - expand_like(t - t_lo, x_t) * v
-    xs, ts, rs, es = [x_hi, x_lo], [t_hi, t_lo], [r, r], [embeds, embeds]
-    if negative_embeds is not None:
-        xs.append(x_t), ts.append(t), rs.append(r), es.append(negative_embeds.expand_as(embeds))
+                     negative_embeds: Tensor | None = None, *, jump: Tensor | None = None,
+                     uncond: Tensor | None = None, pad: bool = False) -> tuple[Tensor | None, Tensor | None]:
+    """``dU/dt`` by central difference on the rows ``jump`` and ``u_∅(x_t, t, r)`` on the rows ``uncond``
+    (default: every row; ``u_∅`` only when ``negative_embeds`` is given), in **one** network call without gradient.
+
+    Returns ``(dudt [len(jump)], u_∅ [len(uncond)])``, ``None`` for an empty set. With no row at all the call
+    is skipped, unless ``pad``: then the network still runs on one row whose answer is dropped, so that every
+    rank of a sharded (FSDP) model makes the same sequence of calls.
+    """
+    every = torch.arange(x_t.shape[0], device=x_t.device)
+    jump = every if jump is None else jump
+    uncond = (every if uncond is None else uncond) if negative_embeds is not None else every[:0]
+    xs, ts, rs, es = [], [], [], []
+    if len(jump):
+        tj, rj, xj, vj = t[jump], r[jump], x_t[jump], v[jump]
+        t_lo, t_hi = derivative_times(tj, delta, rj)
+        ej = embeds[jump]
+        xs += [xj + expand_like(t_hi - tj, xj) * vj, xj - expand_like(tj - t_lo, xj) * vj]
+        ts, rs, es = ts + [t_hi, t_lo], rs + [rj, rj], es + [ej, ej]
+    if len(uncond):
+        xs.append(x_t[uncond]), ts.append(t[uncond]), rs.append(r[uncond])
+        es.append(negative_embeds.expand(len(uncond), *embeds.shape[1:]))
+    if not xs and pad:
+        xs, ts, rs, es = [x_t[:1]], [t[:1]], [r[:1]], [embeds[:1]]
+    if not xs:
+        return None, None
     with torch.no_grad():
-        out = call_model(model, torch.cat(xs), torch.cat(ts), torch.cat(rs), torch.cat(es)).chunk(len(xs))
-    dudt = (out[0] - out[1]) / expand_like(t_hi - t_lo, x_t)
-    return dudt, (out[2] if negative_embeds is not None else None)
+        out = call_model(model, torch.cat(xs), torch.cat(ts), torch.cat(rs), torch.cat(es))
+    n = len(jump)
+    dudt = (out[:n] - out[n : 2 * n]) / expand_like(t_hi - t_lo, out) if n else None
+    return dudt, (out[2 * n : 2 * n + len(uncond)] if len(uncond) else None)
 
 
 def rescale_to_diffusion_mean(per_sample: Tensor, is_diffusion: Tensor,
@@ -53,15 +85,24 @@ def rescale_to_diffusion_mean(per_sample: Tensor, is_diffusion: Tensor,
     """Rescale (scale detached) every ``r ≠ t`` sample's loss to the global mean loss of the ``r = t`` samples.
 
     ``all_reduce`` sums a tensor over ranks (default: torch.distributed when initialised). No rescaling when
-    the global batch holds no diffusion sample.
+    the global batch holds no diffusion sample (decided on the device: no host synchronisation).
     """
     stats = torch.stack([(per_sample.detach() * is_diffusion).sum(), is_diffusion.sum().to(per_sample.dtype)])
     stats = (all_reduce or all_reduce_sum)(stats)
     total, count = stats[0], stats[1]
-    if count == 0:
-        return per_sample
-    scale = (total / count) / per_sample.detach().clamp_min(eps)
+    scale = (total / count.clamp_min(1)) / per_sample.detach().clamp_min(eps)
+    scale = torch.where(count > 0, scale, torch.ones_like(scale))
     return torch.where(is_diffusion, per_sample, per_sample * scale)
+
+
+def drop_mask(batch: int, ratio: float, generator: torch.Generator | None = None, rank: int = 0,
+              world_size: int = 1) -> Tensor:
+    """Which of this rank's samples lose their prompt (probability ``ratio``), on the CPU: drawn for the global
+    batch from ``generator`` (seeded alike on all ranks) at the positions of :func:`rank_positions`."""
+    if ratio <= 0:
+        return torch.zeros(batch, dtype=torch.bool)
+    draw = torch.rand(batch * world_size, generator=generator, dtype=torch.float64)
+    return draw[rank_positions(batch, rank, world_size)] < ratio
 
 
 def flowmap_loss(model, x0: Tensor, prompt_embeds: Tensor, *, noise: Tensor | None = None, t: Tensor | None = None,
@@ -72,31 +113,55 @@ def flowmap_loss(model, x0: Tensor, prompt_embeds: Tensor, *, noise: Tensor | No
                  weighting: str = "beta08", rank: int | None = None, world_size: int | None = None,
                  all_reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
     """The pretrain flow-map loss. Returns ``loss`` (batch mean) and the detached ``target``, with
-    ``prediction``, ``per_sample`` (before rescaling), ``t``, ``r``, ``dudt``.
+    ``prediction``, ``per_sample`` (before rescaling), ``t``, ``r``, ``dudt`` (0 on diffusion samples),
+    ``is_diffusion`` and ``n_diffusion`` (a host int).
 
-    ``generator`` draws rank-local randomness (noise, text dropout); ``time_generator`` must be seeded
-    identically on all ranks (it draws the global ``(t, r)`` split; ``rank`` / ``world_size`` default to
-    torch.distributed's). Pass ``t`` and ``r`` to fix the times.
+    ``generator`` draws rank-local noise; ``time_generator`` must be seeded identically on all ranks: it draws
+    the global batch's ``(t, r)`` split and text dropout, of which this rank keeps its share (``rank`` /
+    ``world_size`` default to torch.distributed's). Pass ``t`` and ``r`` to fix the times.
     """
     batch = x0.shape[0]
     if (t is None) != (r is None):
         raise ValueError("pass both t and r, or neither.")
+    rank, world_size = dist_rank_world(rank, world_size)
     if t is None:
-        rank, world_size = dist_rank_world(rank, world_size)
-        t, r = sample_t_r(batch, diffusion_ratio=diffusion_ratio, consistency_ratio=consistency_ratio, s=shift,
-                          rank=rank, world_size=world_size, generator=time_generator, device=x0.device)
-    if bool((r > t).any()):
+        t_host, r_host = sample_t_r(batch, diffusion_ratio=diffusion_ratio, consistency_ratio=consistency_ratio,
+                                    s=shift, rank=rank, world_size=world_size, generator=time_generator)
+        t, r = to_device(t_host, x0.device), to_device(r_host, x0.device)
+    else:
+        t_host, r_host = t.detach().cpu(), r.detach().cpu()  # given times: one copy to the host
+    if bool((r_host > t_host).any()):
         raise ValueError("flow-map times need r <= t for every sample.")
+    if drop_text_ratio > 0 and negative_embeds is None:
+        raise ValueError("drop_text_ratio > 0 needs negative_embeds (the negative-prompt embedding).")
+    if guidance_scale is not None and negative_embeds is None:
+        raise ValueError("guidance fusion needs negative_embeds (the negative-prompt embedding).")
     if noise is None:
         noise = randn_like(x0, generator)
-    embeds, w = condition(prompt_embeds, negative_embeds, drop_text_ratio=drop_text_ratio,
-                          guidance_scale=guidance_scale, generator=generator)
+    dropped_host = drop_mask(batch, drop_text_ratio, time_generator, rank, world_size)
+    dropped = to_device(dropped_host, x0.device)
+    embeds = prompt_embeds
+    if drop_text_ratio > 0:
+        embeds = torch.where(dropped.view(-1, 1, 1), negative_embeds.expand_as(prompt_embeds), prompt_embeds)
+    w = guidance_weights(batch, guidance_scale, dropped)
 
+    # host-side row sets: r ≠ t needs dU/dt; with fusion, a kept prompt needs u_∅
+    jump_host = (t_host != r_host).nonzero().flatten()
+    jump = to_device(jump_host, x0.device)
+    uncond = to_device((~dropped_host).nonzero().flatten(), x0.device) if w is not None else None
     x_t, v = add_noise(x0, noise, t), velocity(x0, noise)
-    dudt, uncond = no_grad_forwards(model, x_t, v, t, r, embeds, delta, negative_embeds if w is not None else None)
+    dudt_rows, uncond_rows = no_grad_forwards(model, x_t, v, t, r, embeds, delta,
+                                              negative_embeds if w is not None else None, jump=jump,
+                                              uncond=uncond, pad=world_size > 1)
     prediction = call_model(model, x_t, t, r, embeds)
+    dudt = torch.zeros_like(v)
+    if dudt_rows is not None:
+        dudt = dudt.index_copy(0, jump, dudt_rows.to(v.dtype))
     if w is not None:
-        prediction = fuse_guidance(prediction, uncond, w)
+        u_uncond = torch.zeros_like(prediction)  # a dropped row has w = 1: its u_∅ is multiplied by 0
+        if uncond_rows is not None:
+            u_uncond = u_uncond.index_copy(0, uncond, uncond_rows.to(prediction.dtype))
+        prediction = fuse_guidance(prediction, u_uncond, w)
         dudt = dudt / expand_like(w, dudt)
     target = mean_flow_target(v, t, r, dudt).detach()
 
@@ -104,4 +169,4 @@ def flowmap_loss(model, x0: Tensor, prompt_embeds: Tensor, *, noise: Tensor | No
     is_diffusion = t == r
     loss = rescale_to_diffusion_mean(per_sample, is_diffusion, all_reduce).mean()
     return {"loss": loss, "target": target, "prediction": prediction, "per_sample": per_sample.detach(),
-            "t": t, "r": r, "dudt": dudt}
+            "t": t, "r": r, "dudt": dudt, "is_diffusion": is_diffusion, "n_diffusion": batch - len(jump_host)}
