@@ -14,6 +14,10 @@ def config_dir() -> Path:
     return repo if (repo / "train.yaml").is_file() else here / "conf"
 
 
+class ConfigError(ValueError):
+    """A bad setting; the message is one sentence naming the value and the fix."""
+
+
 def as_dtype(name):
     """``"bfloat16"`` → ``torch.bfloat16`` (configs name dtypes as strings); ``None`` and dtypes pass through."""
     import torch

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from anyflow.models.lora import named_trainable
+
 
 def _key(name: str) -> str:
     return name.replace(".", "__")
@@ -25,16 +27,16 @@ class EMA(nn.Module):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema decay={decay} must lie in [0, 1).")
         self.decay, self.warmup_steps = decay, warmup_steps
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                self.register_buffer(_key(n), p.detach().float().clone())
+        trainable = named_trainable(model)  # a LoRA role: its adapter only
+        self.names = [n for n, _ in trainable]
+        for n, p in trainable:
+            self.register_buffer(_key(n), p.detach().float().clone())
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     def _pairs(self, model: nn.Module):
         if hasattr(model, "reshard"):  # FSDP2 keeps a root module's parameters unsharded after forward
             model.reshard()
-        params = dict(model.named_parameters())
+        params = dict(named_trainable(model))
         return [(getattr(self, _key(n)), params[n]) for n in self.names]
 
     @torch.no_grad()

@@ -8,7 +8,7 @@ An export is a folder::
 
 and, for Wan models, a whole pipeline folder in the released AnyFlow layout: also ``vae/``, ``scheduler/``
 (``FlowMapDiscreteScheduler`` with the shift) and ``model_index.json``, with the transformer config naming the
-official class (see :mod:`anyflow.models.pipeline`). The frozen parts are hard-linked from the model folder.
+official class (see :mod:`anyflow.models.pipeline`). The frozen parts are hard-linked from ``model.path``.
 
 ``FlowMapWanTransformer3DModel.from_pretrained(export)`` loads it directly. Exports are written to a
 temporary sibling folder and moved into place, so a crash never leaves a half-written export.
@@ -52,21 +52,23 @@ def save_transformer(model, folder: str | Path, state_dict: dict[str, torch.Tens
                           filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB")
 
 
-def write_export(folder: str | Path, transformer, state_dict: dict[str, torch.Tensor], *, text_encoder,
-                 autoencoder, info: dict, dtype: torch.dtype | None = None) -> None:
-    """Write an export into ``folder``: the transformer weights, the frozen parts that can save themselves (a
-    pipeline folder in the released layout when the autoencoder is Wan's VAE) and ``anyflow.json``."""
-    from anyflow.models.pipeline import release_transformer_config, write_model_index, write_scheduler
+def write_export(folder: str | Path, transformer, state_dict: dict[str, torch.Tensor], *, info: dict,
+                 dtype: torch.dtype | None = None, source: str | Path | None = None, text_encoder=None) -> None:
+    """Write an export into ``folder``: the transformer weights (cast to ``dtype``) and ``anyflow.json``; with a
+    ``source`` pipeline folder (Wan) a whole pipeline folder in the released layout, its VAE, text encoder and
+    tokenizer hard-linked from ``source``; otherwise the ``text_encoder``'s own files (the toy)."""
+    from anyflow.models.pipeline import link_part, release_transformer_config, write_model_index, write_scheduler
 
     folder = Path(folder)
     save_transformer(transformer, folder / "transformer", state_dict, dtype)
-    for part in (text_encoder, autoencoder):
-        if hasattr(part, "save_pretrained"):
-            part.save_pretrained(folder)
-    if (folder / "vae").is_dir():
+    if source is not None:
+        for part in ("vae", "text_encoder", "tokenizer"):
+            link_part(Path(source) / part, folder / part)
         release_transformer_config(folder / "transformer")
         write_scheduler(folder, info["shift"])
-        write_model_index(folder, getattr(autoencoder, "source", None))
+        write_model_index(folder, source)
+    elif hasattr(text_encoder, "save_pretrained"):
+        text_encoder.save_pretrained(folder)
     (folder / METADATA).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
 
 

@@ -25,6 +25,9 @@ from anyflow.config import as_dtype
 from anyflow.ema import EMA
 from anyflow.export import atomic_folder_write, full_state_dict, write_export
 from anyflow.flow import add_noise, logit_normal, shift as time_shift
+from anyflow.fsdp import shard_network
+from anyflow.models.lora import merged_state, named_trainable, save_adapter
+from anyflow.networks import export_lora_metadata
 from anyflow.objectives import dmd_generator_loss, flow_matching_loss, gan_discriminator_loss, gan_generator_loss
 from anyflow.objectives.common import randn_like
 from anyflow.sampling import Sampler, backward_simulation
@@ -49,12 +52,15 @@ class AnyFlowModule(L.LightningModule):
                  optim: dict | None = None, ema: dict | None = None, teacher: nn.Module | None = None,
                  fake_score: nn.Module | None = None, discriminator: nn.Module | None = None,
                  objective=None, sampling: dict | None = None, fsdp_param_dtype: str | None = None,
-                 negative_embeds: Tensor | None = None, compile: bool = False, export_dtype: str | None = None):
+                 negative_embeds: Tensor | None = None, compile: bool = False, export_dtype: str | None = None,
+                 export_source: str | None = None, shared_base: nn.Module | None = None, lora: dict | None = None):
         super().__init__()
         self.stage = dict(stage)
         self.stage_name = self.stage["name"]
         self.student, self.text_encoder, self.autoencoder = student, text_encoder, autoencoder
         self.teacher, self.fake_score, self.discriminator = teacher, fake_score, discriminator
+        # model.shared_base: student / teacher / fake score are adapter roles of this one network, registered here
+        self.shared_base, self.lora = shared_base, lora
         self.latent_shape, self.shift = list(latent_shape), float(shift)
         self.negative_prompt, self.seed = negative_prompt, int(seed)
         self.optim = {"lr": 1e-4, "betas": (0.9, 0.999), "weight_decay": 0.0, "warmup_steps": 0, "clip": 1.0,
@@ -70,6 +76,7 @@ class AnyFlowModule(L.LightningModule):
         self.ema: EMA | None = None  # built in configure_model, after any sharding
         self.fsdp_param_dtype = fsdp_param_dtype
         self.export_dtype = as_dtype(export_dtype)
+        self.export_source = export_source  # a Wan pipeline folder whose frozen parts exports link (model.path)
         # the negative-prompt embedding [1, L, D] (text dropout, guidance fusion, CFG): given (e.g. from a latent
         # cache) or encoded once here; a buffer, so it follows the module's device but is never checkpointed
         if negative_embeds is None:
@@ -93,17 +100,11 @@ class AnyFlowModule(L.LightningModule):
             self.ema = EMA(self.student, self.ema_cfg["decay"], self.ema_cfg["warmup_steps"]).to(self.device)
 
     def _shard(self, mesh) -> None:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        """FSDP2 over ``mesh`` (see :mod:`anyflow.fsdp`): bf16 compute with fp32 times, per-block units."""
+        from torch.distributed.fsdp import fully_shard
 
-        policy = MixedPrecisionPolicy()
-        if self.fsdp_param_dtype is not None:
-            policy = MixedPrecisionPolicy(param_dtype=getattr(torch, self.fsdp_param_dtype), reduce_dtype=torch.float32)
-        for network in (self.student, self.fake_score, self.teacher):
-            if network is None:
-                continue
-            for block in network.blocks:
-                fully_shard(block, mesh=mesh, mp_policy=policy)
-            fully_shard(network, mesh=mesh, mp_policy=policy)
+        for network in self.networks():
+            shard_network(network, mesh, param_dtype=as_dtype(self.fsdp_param_dtype))
         if self.discriminator is not None:  # nothing else would average its gradients across ranks
             fully_shard(self.discriminator, mesh=mesh)
         self._sharded = True
@@ -111,11 +112,22 @@ class AnyFlowModule(L.LightningModule):
     def _compile(self) -> None:
         """Regional compilation: ``torch.compile`` each repeated Wan block in place (after any sharding; dynamo
         leaves FSDP2's hooks to run eagerly), so one compiled block serves every layer of every network."""
-        for network in (self.student, self.fake_score, self.teacher):
-            if network is not None:
-                for block in network.blocks:
+        for network in self.networks():
+            for block in network.blocks:
+                if getattr(block, "_compiled_call_impl", None) is None:  # networks shared by modules: once
                     block.compile()
         self._compiled = True
+
+    def networks(self) -> list[nn.Module]:
+        """The distinct transformers held (the shared base once, instead of its roles)."""
+        if self.shared_base is not None:
+            return [self.shared_base]
+        return [n for n in (self.student, self.fake_score, self.teacher) if n is not None]
+
+    @staticmethod
+    def trainable(network: nn.Module) -> list[nn.Parameter]:
+        """What an optimizer updates for ``network``: its trainable weights (a LoRA role: its adapter)."""
+        return [p for _, p in named_trainable(network)]
 
     # ------------------------------------------------------------------ setup
     def train(self, mode: bool = True):
@@ -139,10 +151,10 @@ class AnyFlowModule(L.LightningModule):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
 
     def configure_optimizers(self):
-        trainable = [p for p in self.student.parameters() if p.requires_grad]
+        trainable = self.trainable(self.student)
         optimizers = [self._adamw(trainable)]
         if self.fake_score is not None:
-            groups = [{"params": [p for p in self.fake_score.parameters() if p.requires_grad], "name": "fake_score"}]
+            groups = [{"params": self.trainable(self.fake_score), "name": "fake_score"}]
             if self.discriminator is not None:
                 groups.append({"params": list(self.discriminator.parameters()), "name": "discriminator"})
             optimizers.append(self._adamw(groups, self.stage.get("critic_optim")))
@@ -210,7 +222,7 @@ class AnyFlowModule(L.LightningModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         out = self.objective(self.student, x0, embeds, negative_embeds=self.negative_embeds(), generator=local,
                              time_generator=shared)
-        params = [p for p in self.student.parameters() if p.requires_grad]
+        params = self.trainable(self.student)
         grad_norm = self._update(optimizer, scheduler, out["loss"], params)
         decay = self.ema.update(self.student)
         name = "flow_matching_loss" if self.stage_name == "teacher" else "flowmap_loss"
@@ -278,7 +290,7 @@ class AnyFlowModule(L.LightningModule):
                                  time_generator=shared)
             self.manual_backward(self.stage.get("cotrain_weight", 1.0) * out["loss"])
             logs["train/flowmap_loss"] = out["loss"]
-        logs["train/grad_norm/student"] = self._clip([p for p in self.student.parameters() if p.requires_grad])
+        logs["train/grad_norm/student"] = self._clip(self.trainable(self.student))
         optimizer.step()
         scheduler.step()
         logs["train/ema_decay"] = self.ema.update(self.student)
@@ -306,7 +318,7 @@ class AnyFlowModule(L.LightningModule):
             logs["train/gan_d_loss"] = d_loss
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        logs["train/grad_norm/fake_score"] = self._clip([p for p in self.fake_score.parameters() if p.requires_grad])
+        logs["train/grad_norm/fake_score"] = self._clip(self.trainable(self.fake_score))
         if self.discriminator is not None:
             logs["train/grad_norm/discriminator"] = self._clip(list(self.discriminator.parameters()))
         optimizer.step()
@@ -316,18 +328,25 @@ class AnyFlowModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints, sampling, export
     def state_dict(self, *args, **kwargs):
-        """Everything that trains (and the EMA); frozen networks are rebuilt from their configs instead, so
-        checkpoints — plain or distributed — never carry a teacher or a text encoder."""
+        """Everything that trains (and the EMA); frozen networks and frozen weights (a LoRA base) are rebuilt from
+        their configs instead, so checkpoints — plain or distributed — carry neither a teacher, a text encoder
+        nor a 14B base."""
         state = super().state_dict(*args, **kwargs)
         prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
-        for key in [k for k in state if k[len(prefix):].split(".", 1)[0] in FROZEN]:
+        frozen = self._frozen_keys()
+        for key in [k for k in state if k[len(prefix):] in frozen or k[len(prefix):].split(".", 1)[0] in FROZEN]:
             del state[key]
         return state
 
+    def _frozen_keys(self) -> set[str]:
+        """Names of the weights a checkpoint leaves out besides the frozen networks: frozen ones (a LoRA base)."""
+        return {name for name, param in self.named_parameters() if not param.requires_grad}
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Strict about everything a checkpoint carries; the frozen networks keep their config-built weights."""
-        frozen = {k: v for k, v in nn.Module.state_dict(self).items() if k.split(".", 1)[0] in FROZEN}
-        return super().load_state_dict({**frozen, **state_dict}, strict=strict, assign=assign)
+        """Strict about everything a checkpoint carries; the frozen parts keep their config-built weights."""
+        frozen = self._frozen_keys()
+        kept = {k: v for k, v in nn.Module.state_dict(self).items() if k in frozen or k.split(".", 1)[0] in FROZEN}
+        return super().load_state_dict({**kept, **state_dict}, strict=strict, assign=assign)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], nfe: int, *, seed: int = 0, guidance_scale: float = 1.0,
@@ -348,21 +367,27 @@ class AnyFlowModule(L.LightningModule):
             self.student.train(was_training)
 
     def export(self, folder, metadata: dict) -> None:
-        """Write the EMA student (Diffusers format), the text encoder and ``anyflow.json`` to ``folder``.
+        """Write the EMA student (Diffusers format), the frozen parts and ``anyflow.json`` to ``folder`` (a pipeline
+        folder in the released AnyFlow layout for Wan models).
 
         Call on every rank (FSDP gathers shards); rank 0 writes.
         """
+        network = self.shared_base if self.shared_base is not None else self.student
         with self.ema.swapped(self.student):
-            state = full_state_dict(self.student)
+            state = full_state_dict(network)
         if self.global_rank != 0:
             return
+        lora = self.lora or {}
         info = {"stage": self.stage_name, "latent_shape": self.latent_shape, "shift": self.shift,
                 "mode": self.sampling["mode"], "negative_prompt": self.negative_prompt,
                 "max_length": getattr(self.text_encoder, "max_length", None) or self.negative_embedding.shape[1],
-                "step": int(self.global_step), **metadata}
+                "step": int(self.global_step), **export_lora_metadata(self.lora), **metadata}
 
         def write(tmp):
-            write_export(tmp, self.student, state, text_encoder=self.text_encoder, autoencoder=self.autoencoder,
-                         info=info, dtype=self.export_dtype)
+            merged = merged_state(state, lora.get("adapter"), lora.get("spec"))
+            write_export(tmp, network, merged, info=info, dtype=self.export_dtype, source=self.export_source,
+                         text_encoder=self.text_encoder)
+            if lora:  # the adapter too, so a later stage over the same base can continue it
+                save_adapter(tmp / "lora" / lora["adapter"], state, lora["adapter"], lora["spec"], lora["base"])
 
         atomic_folder_write(folder, write)

@@ -109,7 +109,7 @@ class Sampler:
                  noise: torch.Tensor | None = None, latent_shape: list[int] | None = None) -> torch.Tensor:
         """Videos ``[B, 3, F, H, W]`` in [-1, 1]. ``noise`` (latents ``[B, C, F', H', W']``) or a draw from ``seed``
         (one per prompt, in order) of ``latent_shape`` (default: as trained)."""
-        device = next(self.transformer.parameters()).device
+        device = self.transformer.device
         if noise is None:
             generator = torch.Generator().manual_seed(seed)
             noise = torch.randn(len(prompts), *(latent_shape or self.meta["latent_shape"]), generator=generator)

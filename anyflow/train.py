@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 import warnings
@@ -16,20 +15,16 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from anyflow.config import config_dir, register_resolvers
+from anyflow.config import ConfigError, config_dir, register_resolvers
 from anyflow.data import DataError, build_datamodule
 from anyflow.export import newest_export
-from anyflow.models import FlowMapWanTransformer3DModel
 from anyflow.models.pipeline import FolderError, check_pipeline_folder
 from anyflow.models.text_encoder import UMT5TextEncoder
 from anyflow.module import AnyFlowModule
+from anyflow.networks import build_networks
 
 log = logging.getLogger("anyflow")
 STAGES = ("teacher", "pretrain", "onpolicy")
-
-
-class ConfigError(ValueError):
-    """A bad setting; the message is one sentence naming the value and the fix."""
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -116,56 +111,15 @@ def build_frozen(cfg: DictConfig, init: Path | None) -> dict:
             "latent_shape": autoencoder.latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width)}
 
 
-def build_student(cfg: DictConfig, init: Path | None):
-    if init is None:
-        return instantiate(cfg.model.transformer, _convert_="all")
-    return FlowMapWanTransformer3DModel.from_pretrained(init)
-
-
-def resolve_teacher(cfg: DictConfig) -> Path:
-    """The frozen teacher of the on-policy stage: ``teacher_from``, else the newest ``stage.teacher_stage`` export."""
-    if cfg.get("teacher_from"):
-        path = Path(cfg.teacher_from)
-        if not path.exists():
-            raise ConfigError(f"teacher_from={cfg.teacher_from!r} does not exist; pass a teacher export, a "
-                              "pretrain export or a Wan Diffusers folder.")
-        return path
-    found = newest_export(cfg.paths.output_dir, cfg.stage.teacher_stage)
-    if found is None:
-        raise ConfigError(f"stage=onpolicy needs a teacher, but there is no {cfg.stage.teacher_stage} export under "
-                          f"{cfg.paths.output_dir}/{cfg.stage.teacher_stage}/; pass teacher_from=PATH.")
-    return found
-
-
-def build_critics(cfg: DictConfig) -> dict:
-    """Teacher (frozen), fake score (a trainable copy of it) and, when ``stage.gan_weight > 0``, the discriminator."""
-    if cfg.stage.name != "onpolicy":
-        return {}
-    source = resolve_teacher(cfg)
-    log.info("teacher and fake score initialised from %s", source)
-    teacher = FlowMapWanTransformer3DModel.from_pretrained(source)
-    fake_score = copy.deepcopy(teacher).requires_grad_(True)
-    discriminator = None
-    if cfg.stage.gan_weight > 0:
-        dim = teacher.config.num_attention_heads * teacher.config.attention_head_dim
-        blocks = list(cfg.stage.discriminator.feature_blocks)
-        if not blocks or max(blocks) >= teacher.config.num_layers or min(blocks) < 0:
-            raise ConfigError(f"stage.discriminator.feature_blocks={blocks} must name blocks 0..."
-                              f"{teacher.config.num_layers - 1} of the teacher.")
-        discriminator = instantiate(cfg.stage.discriminator, dim=dim, _convert_="all")
-    return {"teacher": teacher.requires_grad_(False), "fake_score": fake_score, "discriminator": discriminator}
-
-
 def build_module(cfg: DictConfig) -> AnyFlowModule:
     if cfg.stage.name not in STAGES:
         raise ConfigError(f"stage={cfg.stage.name!r} is unknown; use one of {', '.join(STAGES)}.")
     init = resolve_init(cfg)
     log.info("student initialised from %s", init or "the model config's weights (base)")
     return AnyFlowModule(
-        **build_critics(cfg),
+        **build_networks(cfg, init),
         **build_frozen(cfg, init),
         stage=OmegaConf.to_container(cfg.stage, resolve=True),
-        student=build_student(cfg, init),
         shift=cfg.model.shift,
         negative_prompt=cfg.model.negative_prompt,
         seed=cfg.seed,
@@ -175,6 +129,7 @@ def build_module(cfg: DictConfig) -> AnyFlowModule:
         sampling={"mode": cfg.stage.sampling_mode},
         fsdp_param_dtype=cfg.model.get("fsdp_param_dtype"),
         export_dtype=cfg.model.get("export_dtype"),
+        export_source=cfg.model.get("path"),
     )
 
 
