@@ -75,7 +75,7 @@ def decode_clip(source: str | Path | bytes, num_frames: int, fps: float | None, 
         raise SkipItem(f"{name}: too short: {decoded} frames{seconds}, {num_frames} frames at {fps or rate:g} fps "
                        f"need {wanted[-1] + 1}")
     frames = np.stack([picked[i] for i in wanted])  # F, H, W, 3
-    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
 
 
 def _caption(record: dict) -> str | None:
