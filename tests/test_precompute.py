@@ -168,3 +168,14 @@ def test_precompute_then_train_py_from_latents(wan, clips, tmp_path):
     export = next(Path(tmp_path, "outputs", "teacher").glob("*/export"))
     assert all((export / part).is_dir() for part in ("transformer", "vae", "text_encoder", "tokenizer"))
     assert json.loads((export / "anyflow.json").read_text())["max_length"] == 512
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_write_the_same_cache(reference, wan, clips, tmp_path):
+    out = tmp_path / "torchrun"
+    result = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                     "anyflow.precompute", f"model.path={wan}", f"data.path={clips}", *SIZE, f"out={out}",
+                     "data.num_workers=0", "shard_size=2", "progress=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0 writes 2 of 3 shards" in result.stdout and "rank 1 writes 1 of 3 shards" in result.stdout
+    assert files(out) == files(reference)
