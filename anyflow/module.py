@@ -25,7 +25,7 @@ from anyflow.config import as_dtype
 from anyflow.ema import EMA
 from anyflow.export import atomic_folder_write, full_state_dict, write_export
 from anyflow.flow import add_noise, logit_normal, shift as time_shift
-from anyflow.fsdp import shard_network
+from anyflow.fsdp import hybrid_mesh, shard_network
 from anyflow.models.lora import merged_state, named_trainable, save_adapter
 from anyflow.networks import export_lora_metadata
 from anyflow.objectives import dmd_generator_loss, flow_matching_loss, gan_discriminator_loss, gan_generator_loss
@@ -53,7 +53,8 @@ class AnyFlowModule(L.LightningModule):
                  fake_score: nn.Module | None = None, discriminator: nn.Module | None = None,
                  objective=None, sampling: dict | None = None, fsdp_param_dtype: str | None = None,
                  negative_embeds: Tensor | None = None, compile: bool = False, export_dtype: str | None = None,
-                 export_source: str | None = None, shared_base: nn.Module | None = None, lora: dict | None = None):
+                 export_source: str | None = None, shared_base: nn.Module | None = None, lora: dict | None = None,
+                 fsdp_cpu_offload: bool = False, fsdp_hybrid: bool = False):
         super().__init__()
         self.stage = dict(stage)
         self.stage_name = self.stage["name"]
@@ -74,7 +75,7 @@ class AnyFlowModule(L.LightningModule):
                 module.requires_grad_(False).eval()
         self.ema_cfg = {"decay": 0.999, "warmup_steps": 0, **(ema or {})}
         self.ema: EMA | None = None  # built in configure_model, after any sharding
-        self.fsdp_param_dtype = fsdp_param_dtype
+        self.fsdp_param_dtype, self.fsdp_cpu_offload, self.fsdp_hybrid = fsdp_param_dtype, fsdp_cpu_offload, fsdp_hybrid
         self.export_dtype = as_dtype(export_dtype)
         self.export_source = export_source  # a Wan pipeline folder whose frozen parts exports link (model.path)
         # the negative-prompt embedding [1, L, D] (text dropout, guidance fusion, CFG): given (e.g. from a latent
@@ -103,8 +104,10 @@ class AnyFlowModule(L.LightningModule):
         """FSDP2 over ``mesh`` (see :mod:`anyflow.fsdp`): bf16 compute with fp32 times, per-block units."""
         from torch.distributed.fsdp import fully_shard
 
+        if self.fsdp_hybrid:
+            mesh = hybrid_mesh(mesh, self.trainer.num_nodes)
         for network in self.networks():
-            shard_network(network, mesh, param_dtype=as_dtype(self.fsdp_param_dtype))
+            shard_network(network, mesh, param_dtype=as_dtype(self.fsdp_param_dtype), cpu_offload=self.fsdp_cpu_offload)
         if self.discriminator is not None:  # nothing else would average its gradients across ranks
             fully_shard(self.discriminator, mesh=mesh)
         self._sharded = True

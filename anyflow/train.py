@@ -58,7 +58,7 @@ def resolve_init(cfg: DictConfig) -> Path | None:
 
 def check_model_folder(cfg: DictConfig) -> None:
     """A model config that reads a Diffusers folder (``model.path``) fails at start, naming what is missing."""
-    if "path" not in cfg.model:
+    if "path" not in cfg.model.keys():  # (`in` alone is False for a missing value)
         return
     path = None if OmegaConf.is_missing(cfg.model, "path") else cfg.model.path
     try:
@@ -128,6 +128,8 @@ def build_module(cfg: DictConfig) -> AnyFlowModule:
         objective=instantiate(cfg.stage.objective),
         sampling={"mode": cfg.stage.sampling_mode},
         fsdp_param_dtype=cfg.model.get("fsdp_param_dtype"),
+        fsdp_cpu_offload=bool(cfg.model.get("fsdp_cpu_offload")),
+        fsdp_hybrid=bool(cfg.model.get("fsdp_hybrid")),
         export_dtype=cfg.model.get("export_dtype"),
         export_source=cfg.model.get("path"),
     )

@@ -7,6 +7,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import pytest
 import torch
+from omegaconf import OmegaConf
 from conftest import ROOT, compose_cfg, fast_overrides, run_cli
 
 from anyflow.config import config_dir
@@ -96,8 +97,12 @@ def test_every_config_composes(tmp_path):
             continue
         override = f"{group}={path.stem}"
         cfg = compose_cfg("train", [override], run_dir=tmp_path)
-        from omegaconf import OmegaConf
-
+        # the folders a user must name (model.path, data.path) are the only values left open
+        missing = {f"{section}.{key}" for section in ("model", "data") for key in cfg[section].keys()
+                   if OmegaConf.is_missing(cfg[section], key)}
+        assert missing <= {"model.path", "data.path"}, (override, missing)
+        for key in missing:
+            OmegaConf.update(cfg, key, str(tmp_path))
         OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     compose_cfg("sample", [])
     compose_cfg("evaluate", [])
