@@ -30,7 +30,8 @@ from torch import Tensor
 from anyflow.config import config_dir, register_resolvers
 from anyflow.data.shapes import ShapesDataset, prompt_set
 from anyflow.export import newest_export
-from anyflow.metrics import accuracies, analyse, analyse_batch, fd_interval, frechet_distance, score
+from anyflow.metrics import (accuracies, analyse, analyse_batch, fd_difference_interval, fd_interval,
+                             frechet_distance, score)
 
 __all__ = ["analyse", "frechet_distance", "score", "real_clips", "Reference", "sweep", "write_results"]
 
@@ -55,13 +56,18 @@ class Reference:
         prompts = prompt_set(num_clips)
         return cls(prompts, analyse_batch(real_clips(prompts, frames, size, seed)).features, **kwargs)
 
-    def score(self, videos: Tensor, prompts: list[str]) -> dict[str, float]:
-        """Accuracies, ``fd`` and its interval ``fd_low``, ``fd_high`` for clips generated from ``prompts``."""
+    def score(self, videos: Tensor, prompts: list[str]) -> dict:
+        """Accuracies, ``fd`` and its interval ``fd_low``, ``fd_high`` for clips generated from ``prompts``, and
+        their ``features``."""
         analysis = analyse_batch(videos)
         low, high = fd_interval(analysis.features, self.features, prompts, self.prompts, num=self.bootstrap,
                                 level=self.level)
         return {**accuracies(analysis, prompts), "fd": frechet_distance(analysis.features, self.features),
-                "fd_low": low, "fd_high": high}
+                "fd_low": low, "fd_high": high, "features": analysis.features}
+
+    def difference(self, a: Tensor, b: Tensor, prompts: list[str]) -> tuple[float, float]:
+        """Interval of ``FD(a) − FD(b)`` for feature sets of clips generated from the same prompts and noise."""
+        return fd_difference_interval(a, b, self.features, prompts, self.prompts, num=self.bootstrap, level=self.level)
 
 
 def default_checkpoints(output_dir: str) -> list[Path]:
@@ -81,11 +87,14 @@ def generate(sampler, prompts: list[str], nfe: int, *, seed: int, guidance_scale
 def sweep(checkpoints: list[str | Path], nfes: list[int], *, num_prompts: int = 720, seed: int = 0,
           real_seed: int = 7, floor_seed: int = 8, reference_clips: int = 7200,
           teacher_guidance_scale: float | None = 3.0, bootstrap: int = 1000, batch_size: int = 360,
-          labels: list[str] | None = None, device: str = "cpu") -> list[dict]:
+          labels: list[str] | None = None, baseline: str | None = None, device: str = "cpu",
+          verbose: bool = False) -> list[dict]:
     """Score every checkpoint at every NFE on the fixed prompt set, after a noise-floor row of real clips.
 
     One row per (checkpoint, guidance, nfe) with ``colour_acc``, ``direction_acc``, ``fd``, ``fd_low``,
-    ``fd_high`` and ``seconds`` (sampling and scoring).
+    ``fd_high``, ``seconds`` (sampling and scoring) and the clips' ``features``. With ``baseline`` (a label or
+    a stage, e.g. ``pretrain``) every other row also gets ``delta``, ``delta_low``, ``delta_high``: its FD minus
+    the baseline's at the same NFE, with a paired interval.
     """
     from anyflow.sample import load_export
 
@@ -116,20 +125,45 @@ def sweep(checkpoints: list[str | Path], nfes: list[int], *, num_prompts: int = 
                 videos = generate(sampler, prompts, nfe, seed=seed, guidance_scale=scale, batch_size=batch_size)
                 rows.append({"checkpoint": name, "stage": stage, "mode": mode, "guidance": scale, "nfe": nfe,
                              **reference.score(videos, prompts), "seconds": time.perf_counter() - start})
+                if verbose:
+                    r = rows[-1]
+                    print(f"[anyflow] {name} nfe={nfe}: FD {r['fd']:.5f} [{r['fd_low']:.5f}, {r['fd_high']:.5f}] "
+                          f"({r['seconds']:.0f} s)", flush=True)
+    if baseline is not None:
+        compare_to(rows, baseline, reference, prompts)
     return rows
 
 
+def compare_to(rows: list[dict], baseline: str, reference: Reference, prompts: list[str]) -> None:
+    """Add ``delta`` (FD minus the baseline's at the same NFE) and its paired interval to every other row."""
+    base = {}
+    for r in rows:
+        if r["nfe"] is not None and (r["checkpoint"] == baseline or (r["stage"] == baseline and r["guidance"] == 1.0)):
+            base.setdefault(r["nfe"], r)
+    for r in rows:
+        other = base.get(r["nfe"])
+        if other is None or other["checkpoint"] == r["checkpoint"]:
+            continue
+        low, high = reference.difference(r["features"], other["features"], prompts)
+        r.update(delta=r["fd"] - other["fd"], delta_low=low, delta_high=high, baseline=other["checkpoint"])
+
+
 FIELDS = ["checkpoint", "stage", "mode", "guidance", "nfe", "colour_acc", "direction_acc", "fd", "fd_low", "fd_high",
-          "seconds"]
+          "baseline", "delta", "delta_low", "delta_high", "seconds"]
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| checkpoint | NFE | colour acc | direction acc | feature FD | 95 % interval |",
-             "|---|---:|---:|---:|---:|---|"]
+    compared = next((r["baseline"] for r in rows if "delta" in r), None)
+    header = "| checkpoint | NFE | colour acc | direction acc | feature FD | 95 % interval |"
+    header += f" FD − FD of {compared.split(' (')[0]} [95 %] |" if compared else ""
+    lines = [header, "|---|---:|---:|---:|---:|---|" + ("---|" if compared else "")]
     for r in rows:
         nfe = "–" if r["nfe"] is None else r["nfe"]
-        lines.append(f"| {r['checkpoint']} | {nfe} | {r['colour_acc']:.3f} | {r['direction_acc']:.3f} "
-                     f"| {r['fd']:.5f} | [{r['fd_low']:.5f}, {r['fd_high']:.5f}] |")
+        line = (f"| {r['checkpoint']} | {nfe} | {r['colour_acc']:.3f} | {r['direction_acc']:.3f} "
+                f"| {r['fd']:.5f} | [{r['fd_low']:.5f}, {r['fd_high']:.5f}] |")
+        if compared:
+            line += (f" {r['delta']:+.5f} [{r['delta_low']:+.5f}, {r['delta_high']:+.5f}] |" if "delta" in r else " |")
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -148,6 +182,8 @@ def write_results(rows: list[dict], out_dir: str | Path, note: str = "") -> dict
         writer.writeheader()
         writer.writerows(rows)
     (out / "results.md").write_text(markdown_table(rows) + (f"\n{note}\n" if note else ""))
+    torch.save([{"checkpoint": r["checkpoint"], "nfe": r["nfe"], "features": r["features"]}
+                for r in rows if "features" in r], out / "features.pt")
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for r in (r for r in rows if r["nfe"] is None):
@@ -171,7 +207,8 @@ def write_results(rows: list[dict], out_dir: str | Path, note: str = "") -> dict
     fig.tight_layout()
     fig.savefig(out / "quality_vs_nfe.png", dpi=110)
     plt.close(fig)
-    return {"csv": out / "results.csv", "markdown": out / "results.md", "plot": out / "quality_vs_nfe.png"}
+    return {"csv": out / "results.csv", "markdown": out / "results.md", "plot": out / "quality_vs_nfe.png",
+            "features": out / "features.pt"}
 
 
 def log_to_wandb(rows: list[dict], files: dict[str, Path], out_dir: Path) -> None:
@@ -206,7 +243,8 @@ def main(cfg: DictConfig) -> None:
         rows = sweep(checkpoints, nfes, num_prompts=cfg.num_prompts, seed=cfg.seed, real_seed=cfg.real_seed,
                      floor_seed=cfg.floor_seed, reference_clips=cfg.reference_clips,
                      teacher_guidance_scale=cfg.teacher_guidance_scale, bootstrap=cfg.bootstrap,
-                     batch_size=cfg.batch_size, labels=list(cfg.labels) if cfg.labels else None)
+                     batch_size=cfg.batch_size, labels=list(cfg.labels) if cfg.labels else None,
+                     baseline=cfg.baseline, verbose=True)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     seconds = time.perf_counter() - start

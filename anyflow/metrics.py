@@ -11,7 +11,9 @@ feature sets,
     FD = |μ_a − μ_b|² + tr(Σ_a + Σ_b − 2 (Σ_a^½ Σ_b Σ_a^½)^½).
 
 Its interval is a stratified bootstrap: each resample redraws, with replacement, the clips of every prompt
-within that prompt (both sets), so a resampled set keeps the fixed prompt mix of the evaluation.
+within that prompt (both sets), so a resampled set keeps the fixed prompt mix of the evaluation. Two models
+sampled from the same prompts and noise are compared by the interval of their FD difference over shared
+resamples, which is much tighter than their two intervals.
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ def analyse_batch(videos: Tensor) -> Analysis:
     c_mean = (w.unsqueeze(2) * centre).sum(1) / count.clamp_min(1).unsqueeze(1)  # N, 2
     df = (f - f_mean.unsqueeze(1)) * w
     fitted = count >= 2
-    velocity = (df.unsqueeze(2) * (centre - c_mean.unsqueeze(1))).sum(1) / (df * df).sum(1).clamp_min(1e-12).unsqueeze(1)
+    spread = (df * df).sum(1).clamp_min(1e-12).unsqueeze(1)
+    velocity = (df.unsqueeze(2) * (centre - c_mean.unsqueeze(1))).sum(1) / spread
     velocity = torch.where(fitted.unsqueeze(1), velocity, torch.zeros_like(velocity))
     prediction = c_mean.unsqueeze(1) + velocity.unsqueeze(1) * (f - f_mean.unsqueeze(1)).unsqueeze(2)
     residual = ((w.unsqueeze(2) * (prediction - centre) ** 2).sum((1, 2)) / count.clamp_min(1)).sqrt()
@@ -143,20 +146,45 @@ def stratified_indices(groups: list, num: int, generator: torch.Generator) -> Te
     return out
 
 
-def fd_interval(a: Tensor, b: Tensor, groups_a: list, groups_b: list, *, num: int = 1000, level: float = 0.95,
-                seed: int = 0, chunk: int = 50) -> tuple[float, float]:
-    """Percentile interval at ``level`` of the FD over ``num`` stratified bootstrap resamples of both sets
-    (``groups_*``: the prompt of every row, e.g. its caption)."""
+def bootstrap_fd(sets: list[Tensor], reference: Tensor, groups: list, reference_groups: list, *, num: int = 1000,
+                 seed: int = 0, chunk: int = 50) -> Tensor:
+    """FD of every set in ``sets`` (each ``[N, D]``, row ``i`` of every set from prompt ``groups[i]``) against
+    ``reference`` over ``num`` stratified bootstrap resamples: ``[num, len(sets)]``. All sets share each
+    resample's indices (paired: same prompts, same sampling noise), and so does a later call with the same
+    ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    index, index_ref = stratified_indices(groups, num, generator), stratified_indices(reference_groups, num, generator)
+    reference = reference.double()
+    out = []
+    for i in range(0, num, chunk):
+        moments_ref = _moments(reference[index_ref[i:i + chunk]])
+        out.append(torch.stack([_gaussian_fd(*_moments(x.double()[index[i:i + chunk]]), *moments_ref) for x in sets],
+                               1))
+    return torch.cat(out)
+
+
+def percentile_interval(values: Tensor, level: float = 0.95) -> tuple[float, float]:
+    """The central ``level`` interval of bootstrap ``values``."""
     if not 0 < level < 1:
         raise ValueError(f"level={level} must lie strictly between 0 and 1, e.g. 0.95.")
-    generator = torch.Generator().manual_seed(seed)
-    index_a, index_b = stratified_indices(groups_a, num, generator), stratified_indices(groups_b, num, generator)
-    a, b = a.double(), b.double()
-    values = torch.cat([_gaussian_fd(*_moments(a[index_a[i:i + chunk]]), *_moments(b[index_b[i:i + chunk]]))
-                        for i in range(0, num, chunk)])
     tail = (1 - level) / 2
-    low, high = torch.quantile(values, torch.tensor([tail, 1 - tail], dtype=values.dtype)).tolist()
+    low, high = torch.quantile(values.double(), torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
     return low, high
+
+
+def fd_interval(a: Tensor, b: Tensor, groups_a: list, groups_b: list, *, num: int = 1000, level: float = 0.95,
+                seed: int = 0) -> tuple[float, float]:
+    """Percentile interval at ``level`` of the FD between ``a`` and ``b`` over ``num`` stratified bootstrap
+    resamples of both sets (``groups_*``: the prompt of every row, e.g. its caption)."""
+    return percentile_interval(bootstrap_fd([a], b, groups_a, groups_b, num=num, seed=seed)[:, 0], level)
+
+
+def fd_difference_interval(a: Tensor, b: Tensor, reference: Tensor, groups: list, reference_groups: list, *,
+                           num: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Interval of ``FD(a) − FD(b)`` against one reference, for paired sets ``a``, ``b`` (row ``i`` of both from
+    the same prompt and noise): every resample draws the same clips from both, so what they share cancels."""
+    values = bootstrap_fd([a, b], reference, groups, reference_groups, num=num, seed=seed)
+    return percentile_interval(values[:, 0] - values[:, 1], level)
 
 
 def accuracies(analysis: Analysis, prompts: list[str]) -> dict[str, float]:

@@ -5,7 +5,8 @@ import torch
 
 from anyflow.data.shapes import ClipSpec, ShapesDataset, prompt_set, render
 from anyflow.evaluate import Reference, generate, real_clips, sweep, write_results
-from anyflow.metrics import analyse, analyse_batch, fd_interval, frechet_distance, score, stratified_indices
+from anyflow.metrics import (analyse, analyse_batch, fd_difference_interval, fd_interval, frechet_distance, score,
+                             stratified_indices)
 
 TOY_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "toy_teacher"
 
@@ -28,7 +29,8 @@ def test_features_by_hand():
         video[:, f, 6:8, 2 + f:4 + f] = torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1)
     features = analyse(video).features
     assert analyse(video).colour == "red" and analyse(video).direction == "right"
-    expected = [1.0, 0.0, 0.0, 4 / 256, 0.0, 0.0, 1 / 16 * 8, 7 / 16, (3 + 3.5) / 16, 0.0, 0.08, 1.0]  # mean centre (7, 6.5)
+    # colour, area mean / spread, velocity (y, x) per clip length, mean centre (7, 6.5), residual, background, visible
+    expected = [1.0, 0.0, 0.0, 4 / 256, 0.0, 0.0, 1 / 16 * 8, 7 / 16, 6.5 / 16, 0.0, 0.08, 1.0]
     assert features.tolist() == pytest.approx(expected, abs=1e-5)
 
 
@@ -36,8 +38,8 @@ def test_batched_analysis_matches_clip_by_clip():
     noise = torch.rand(2, 3, 8, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     partly = _clip("green", "down", start=(4.0, 8.0)).clone()
     partly[:, 5:] = -0.84  # gone after frame 4
-    videos = torch.stack([_clip(), _clip("cyan", "up", "triangle", start=(12.0, 5.0)), torch.full((3, 8, 16, 16), -0.84),
-                          partly, *noise])
+    empty = torch.full((3, 8, 16, 16), -0.84)
+    videos = torch.stack([_clip(), _clip("cyan", "up", "triangle", start=(12.0, 5.0)), empty, partly, *noise])
     batch = analyse_batch(videos)
     for i, video in enumerate(videos):
         one = analyse(video)
@@ -104,6 +106,20 @@ def test_fd_interval_covers_the_true_distance():
         fd_interval(a, b, groups, groups, level=1.5)
 
 
+def test_paired_difference_interval_is_tight_and_covers_the_shift():
+    """``a`` is ``b`` shifted by (0.03, 0): FD(a) − FD(b) = 0.0009 + 0.06·(mean of b − mean of reference)_x."""
+    generator = torch.Generator().manual_seed(0)
+    b = torch.randn(720, 2, generator=generator)
+    a = b + torch.tensor([0.03, 0.0])
+    reference = torch.randn(7200, 2, generator=generator)
+    groups, reference_groups = [i % 72 for i in range(720)], [i % 72 for i in range(7200)]
+    exact = frechet_distance(a, reference) - frechet_distance(b, reference)
+    low, high = fd_difference_interval(a, b, reference, groups, reference_groups, num=300)
+    assert low < exact < high and low < 0.0009 < high
+    a_low, a_high = fd_interval(a, reference, groups, reference_groups, num=300)
+    assert high - low < (a_high - a_low) / 2  # the shared sampling noise cancels
+
+
 def test_batched_generation_equals_one_call():
     from anyflow.sample import load_export
 
@@ -115,7 +131,7 @@ def test_batched_generation_equals_one_call():
 
 def test_sweep_rows_noise_floor_and_teacher_with_cfg():
     rows = sweep([TOY_TEACHER], [1, 8], num_prompts=24, reference_clips=72, bootstrap=50, teacher_guidance_scale=3.0,
-                 labels=["toy teacher"])
+                 labels=["toy teacher"], baseline="toy teacher")
     assert [(r["checkpoint"], r["nfe"]) for r in rows] == [
         ("real clips (seed 8)", None), ("toy teacher", 1), ("toy teacher", 8), ("toy teacher + CFG 3", 1),
         ("toy teacher + CFG 3", 8)]
@@ -123,6 +139,10 @@ def test_sweep_rows_noise_floor_and_teacher_with_cfg():
     assert floor["colour_acc"] == 1.0 and floor["direction_acc"] == 1.0
     assert all(r["fd_low"] <= r["fd_high"] for r in rows)
     assert floor["fd_high"] < eight_steps["fd"] < one_step["fd"]  # Euler at NFE 1 is the blurriest
+    assert all("delta" not in r for r in rows[:3])  # the floor and the baseline itself
+    for guided, plain in zip(rows[3:], rows[1:3]):
+        assert guided["delta"] == pytest.approx(guided["fd"] - plain["fd"])
+        assert guided["delta_low"] <= guided["delta_high"] and guided["baseline"] == "toy teacher"
     with pytest.raises(ValueError, match="must name each of the 1 checkpoints once"):
         sweep([TOY_TEACHER], [1], labels=["a", "b"])
 
@@ -132,11 +152,14 @@ def test_write_results(tmp_path):
              "direction_acc": 1.0, "fd": 0.0003, "fd_low": 0.0002, "fd_high": 0.0008}]
     rows += [{"checkpoint": "x", "mode": "flowmap", "nfe": n, "colour_acc": 1.0, "direction_acc": 0.5, "fd": 0.1,
               "fd_low": 0.09, "fd_high": 0.12} for n in (1, 4)]
+    rows[2].update(baseline="pretrain (run)", delta=-0.01, delta_low=-0.02, delta_high=0.005)
     files = write_results(rows, tmp_path, note="720 clips")
     assert files["plot"].stat().st_size > 1000
     text = files["markdown"].read_text()
-    assert "| real clips (seed 8) | – | 1.000 | 1.000 | 0.00030 | [0.00020, 0.00080] |" in text
-    assert "| x | 4 | 1.000 | 0.500 | 0.10000 | [0.09000, 0.12000] |" in text and text.endswith("720 clips\n")
+    assert "| feature FD | 95 % interval | FD − FD of pretrain [95 %] |" in text
+    assert "| real clips (seed 8) | – | 1.000 | 1.000 | 0.00030 | [0.00020, 0.00080] | |" in text
+    assert "| x | 4 | 1.000 | 0.500 | 0.10000 | [0.09000, 0.12000] | -0.01000 [-0.02000, +0.00500] |" in text
+    assert text.endswith("720 clips\n")
 
 
 def test_shapes_data_deterministic_and_prompt_set_fixed():
