@@ -5,8 +5,8 @@
 1. decode: PyAV clips/s for 81 frames at 16 fps, resized + centre-cropped to 480×832, from H.264 sources of
    1280×720 at 30 fps and 848×480 at 24 fps (6 s each), one process (a DataLoader worker does the same work);
 2. precompute: clips/s of ``python -m anyflow.precompute``'s encode loop on a tiny random Wan2.1 folder
-   (5 frames, 16×16: overheads only) and, with ``--full-vae``, seconds per 81×480×832 clip through the real-size
-   Wan2.1 VAE architecture (random weights: the cost does not depend on the values);
+   (5 frames, 16×16: overheads only) and, with ``--full-vae``, seconds per clip (81×480×832, or ``--vae-clip F H W``)
+   through the real-size Wan2.1 VAE architecture (random weights: the cost does not depend on the values);
 3. memory: bytes of VAE + text encoder that ``data=latents`` does not build, on the tiny folder (measured on the
    built module) and for Wan2.1's real parts (parameter counts of the real configs, built on the meta device).
 """
@@ -76,7 +76,7 @@ def bench_precompute_tiny(folder: Path, clips: int) -> None:
           f"({meta['num_samples']} clips in {seconds:.1f} s, model loading included)")
 
 
-def bench_full_vae() -> None:
+def bench_full_vae(frames: int = 81, height: int = 480, width: int = 832) -> None:
     from diffusers import AutoencoderKLWan
 
     from anyflow.models.autoencoder import WanAutoencoder
@@ -85,11 +85,12 @@ def bench_full_vae() -> None:
     torch.manual_seed(0)
     vae = AutoencoderKLWan(latents_mean=[0.0] * 16, latents_std=[1.0] * 16)  # Wan2.1's architecture (defaults)
     autoencoder = WanAutoencoder(vae)
-    clip = torch.rand(1, 3, 81, 480, 832) * 2 - 1
+    clip = torch.rand(1, 3, frames, height, width) * 2 - 1
     start = time.perf_counter()
     latents = autoencoder.encode(clip)
     seconds = time.perf_counter() - start
-    print(f"[precompute] real-size Wan2.1 VAE encoder, one 81×480×832 clip on {torch.get_num_threads()} CPU threads: "
+    print(f"[precompute] real-size Wan2.1 VAE encoder, one {frames}×{height}×{width} clip on {torch.get_num_threads()} "
+          "CPU threads: "
           f"{seconds:.1f} s/clip ({1 / seconds:.4f} clips/s); latents {list(latents.shape)}")
 
 
@@ -127,6 +128,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=4)
     parser.add_argument("--full-vae", action="store_true", help="also time the real-size VAE (minutes on a CPU)")
+    parser.add_argument("--vae-clip", type=int, nargs=3, default=(81, 480, 832), metavar=("F", "H", "W"),
+                        help="clip size for --full-vae (default 81 480 832)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -134,7 +137,7 @@ def main() -> None:
         bench_precompute_tiny(folder, args.clips)
         bench_memory(folder)
         if args.full_vae:
-            bench_full_vae()
+            bench_full_vae(*args.vae_clip)
 
 
 if __name__ == "__main__":
