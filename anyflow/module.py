@@ -1,4 +1,5 @@
-"""The LightningModule: networks + optimizers + the stage's update loop (docs/module.md).
+"""The LightningModule: networks, optimizers, checkpoints and exports; each iteration's update runs in its
+stage's module (:mod:`anyflow.stages`; docs/module.md).
 
 Manual optimization. Every training step performs exactly one ``optimizer.step()`` of a Lightning
 optimizer, so Lightning's ``global_step`` — and with it ``trainer.max_steps``, ``every_n_train_steps`` and
@@ -8,6 +9,9 @@ the LR schedules — counts training *iterations*:
 - ``onpolicy``: each iteration is either a critic update (fake score + discriminator, one optimizer with
   a parameter group per network) or, every ``generator_every``-th iteration, a generator update.
 
+With ``stage.accumulate_grad_batches = n`` an iteration runs ``n`` micro-batches before its one step, and an
+update whose loss or gradient norm is not finite is skipped and counted (:meth:`AnyFlowModule.step`).
+
 All randomness of an iteration comes from generators seeded with ``(seed, iteration, rank)`` (local:
 noise, dropout) and ``(seed, iteration)`` (shared by all ranks: times, the rollout's NFE and split), so a
 resumed run continues exactly like an uninterrupted one.
@@ -15,6 +19,8 @@ resumed run continues exactly like an uninterrupted one.
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 
 import lightning as L
@@ -24,15 +30,20 @@ from torch import Tensor, nn
 from anyflow.config import as_dtype
 from anyflow.ema import EMA
 from anyflow.export import atomic_folder_write, full_state_dict, write_export
-from anyflow.flow import add_noise, logit_normal, shift as time_shift
 from anyflow.fsdp import hybrid_mesh, shard_network
 from anyflow.models.lora import merged_state, named_trainable, save_adapter
 from anyflow.networks import export_lora_metadata
-from anyflow.objectives import dmd_generator_loss, flow_matching_loss, gan_discriminator_loss, gan_generator_loss
-from anyflow.objectives.common import randn_like
-from anyflow.sampling import Sampler, backward_simulation
+from anyflow.sampling import Sampler
+from anyflow.stages.common import MicroBatch, micro_batches
+from anyflow.stages.onpolicy import is_generator_iteration, onpolicy_step
+from anyflow.stages.regression import regression_step
 
 FROZEN = ("text_encoder", "autoencoder", "teacher")
+log = logging.getLogger("anyflow")
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced non-finite values for ``max_nonfinite_steps`` updates in a row (one sentence)."""
 
 
 def _seed(*parts: int) -> int:
@@ -54,7 +65,7 @@ class AnyFlowModule(L.LightningModule):
                  objective=None, sampling: dict | None = None, fsdp_param_dtype: str | None = None,
                  negative_embeds: Tensor | None = None, compile: bool = False, export_dtype: str | None = None,
                  export_source: str | None = None, shared_base: nn.Module | None = None, lora: dict | None = None,
-                 fsdp_cpu_offload: bool = False, fsdp_hybrid: bool = False):
+                 fsdp_cpu_offload: bool = False, fsdp_hybrid: bool = False, max_nonfinite_steps: int = 5):
         super().__init__()
         self.stage = dict(stage)
         self.stage_name = self.stage["name"]
@@ -88,6 +99,9 @@ class AnyFlowModule(L.LightningModule):
         self._sharded = False
         self.compile_blocks, self._compiled = bool(compile), False
         self._step_start = None
+        self.accumulate = int(self.stage.get("accumulate_grad_batches", 1))
+        self.max_nonfinite_steps = int(max_nonfinite_steps)
+        self.nonfinite_total = self.nonfinite_run = 0
 
     def configure_model(self) -> None:
         """Build the EMA. Under Lightning's ``ModelParallelStrategy`` (FSDP2) first ``fully_shard`` every
@@ -181,19 +195,50 @@ class AnyFlowModule(L.LightningModule):
         """The negative-prompt embedding ``[1, L, D]``, encoded once at construction."""
         return self.negative_embedding
 
-    def _clip(self, params) -> Tensor:
-        """Clip to ``optim.clip`` (max norm); returns the norm before clipping."""
-        norm = torch.nn.utils.clip_grad_norm_(params, self.optim["clip"] or float("inf"))
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    def micro_batches(self) -> list[MicroBatch]:
+        """This iteration's micro-batches (gradient accumulation; one when ``accumulate_grad_batches`` is 1)."""
+        return micro_batches(self.accumulate, self.global_rank, self.trainer.world_size)
 
-    def _update(self, optimizer, scheduler, loss: Tensor, params) -> Tensor:
-        """Backward, clip, step, schedule; returns the pre-clip gradient norm."""
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        norm = self._clip(params)
-        optimizer.step()
-        scheduler.step()
-        return norm
+    @staticmethod
+    def clone_generator(generator: torch.Generator) -> torch.Generator:
+        """A copy of ``generator`` at its current state: every micro-batch draws the global batch's shared
+        randomness from the same point, and keeps the part of its virtual rank."""
+        clone = torch.Generator(device=generator.device)
+        clone.set_state(generator.get_state())
+        return clone
+
+    def step(self, optimizer, scheduler, role: str, logs: dict, losses: dict) -> dict:
+        """The optimizer step of an update, guarded: when a loss or gradient norm is not finite on any rank the
+        update is skipped (gradients dropped; the optimizer steps over no gradient, so the iteration still
+        counts) and counted; ``max_nonfinite_steps`` skips in a row stop the run with one sentence. A student
+        step also updates the EMA. Returns logs."""
+        values = {k: v for k, v in logs.items() if k.startswith("train/grad_norm/")}
+        values.update({k if k.startswith("train/") else f"train/{k}": v for k, v in losses.items()})
+        checks = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device).reshape(())
+                              for v in values.values()])
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(checks).all()), all=True)
+        out = {}
+        if finite:
+            optimizer.step()
+            scheduler.step()
+            self.nonfinite_run = 0
+            if role == "student":
+                out["train/ema_decay"] = self.ema.update(self.student)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.step()  # over no gradient: Lightning counts the iteration, no weight or moment changes
+            self.nonfinite_run += 1
+            self.nonfinite_total += 1
+            bad = [k for k, v in zip(values, checks.tolist()) if not math.isfinite(v)]
+            log.warning("iteration %d: non-finite %s; the %s update is skipped", self.global_step - 1,
+                        ", ".join(bad) or "values on another rank", role)
+            if self.nonfinite_run >= self.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"stage={self.stage_name} stopped at iteration {self.global_step - 1}: {self.nonfinite_run} "
+                    f"updates in a row had non-finite {', '.join(bad) or 'values'}; lower stage.optim.lr or check "
+                    "the settings (nothing non-finite was saved or exported).")
+        out["train/nonfinite_steps"] = self.nonfinite_total
+        return out
 
     def _log(self, values: dict, prog_bar: tuple[str, ...] = ()):
         for key, value in values.items():
@@ -209,9 +254,9 @@ class AnyFlowModule(L.LightningModule):
         x0, embeds = self.encode_batch(batch)
         local, shared = self.generators()
         if self.stage_name in ("teacher", "pretrain"):
-            logs = self._regression_step(x0, embeds, local, shared)
+            logs = regression_step(self, x0, embeds, local, shared)
         elif self.stage_name == "onpolicy":
-            logs = self._onpolicy_step(x0, embeds, local, shared)
+            logs = onpolicy_step(self, x0, embeds, local, shared)
         else:
             raise ValueError(f"unknown stage {self.stage_name!r}; use stage=teacher, pretrain or onpolicy.")
         logs["train/step_time"] = time.perf_counter() - self._step_start
@@ -220,114 +265,17 @@ class AnyFlowModule(L.LightningModule):
             logs["data/skipped"] = skipped
         self._log(logs, prog_bar=tuple(k for k in logs if k.endswith("_loss")))
 
-    def _regression_step(self, x0, embeds, local, shared) -> dict:
-        """teacher (flow matching) / pretrain (flow map): one student update on the real batch."""
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        out = self.objective(self.student, x0, embeds, negative_embeds=self.negative_embeds(), generator=local,
-                             time_generator=shared)
-        params = self.trainable(self.student)
-        grad_norm = self._update(optimizer, scheduler, out["loss"], params)
-        decay = self.ema.update(self.student)
-        name = "flow_matching_loss" if self.stage_name == "teacher" else "flowmap_loss"
-        logs = {f"train/{name}": out["loss"], "train/grad_norm/student": grad_norm,
-                "train/lr": scheduler.get_last_lr()[0], "train/ema_decay": decay}
-        if self.stage_name == "pretrain":  # masked means over host-known counts: no device-to-host sync
-            per_sample, is_diffusion, n_diffusion = out["per_sample"], out["is_diffusion"], out["n_diffusion"]
-            if n_diffusion:
-                logs["train/diffusion_loss"] = (per_sample * is_diffusion).sum() / n_diffusion
-            if n_diffusion < len(per_sample):
-                logs["train/jump_loss"] = (per_sample * ~is_diffusion).sum() / (len(per_sample) - n_diffusion)
-        return logs
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["anyflow"] = {"nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run}
 
-    # ------------------------------------------------------------------ on-policy distillation (docs/method.md §6)
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        counters = checkpoint.get("anyflow", {})
+        self.nonfinite_total = int(counters.get("nonfinite_total", 0))
+        self.nonfinite_run = int(counters.get("nonfinite_run", 0))
+
     def is_generator_iteration(self, iteration: int) -> bool:
-        """One generator update after every ``generator_every`` critic updates."""
-        every = int(self.stage.get("generator_every", 1))
-        return (iteration + 1) % (every + 1) == 0
-
-    def draw_rollout(self, shared: torch.Generator) -> tuple[int, int]:
-        """``(K, j)``: the rollout NFE from ``stage.rollout_nfe`` and a split in 0..K−1, alike on all ranks."""
-        choices = list(self.stage["rollout_nfe"])
-        nfe = int(choices[int(torch.randint(len(choices), (1,), generator=shared))])
-        split = int(torch.randint(nfe, (1,), generator=shared))
-        # a disagreement would silently desynchronise FSDP; checked at the logging interval (it syncs the host)
-        if self.trainer.world_size > 1 and self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
-            gathered = self.all_gather(torch.tensor([nfe, split], device=self.device))
-            assert bool((gathered == gathered[0]).all()), f"ranks drew different (nfe, split): {gathered.tolist()}"
-        return nfe, split
-
-    def _rollout(self, embeds: Tensor, nfe: int, split: int, local: torch.Generator) -> Tensor:
-        noise = torch.randn(embeds.shape[0], *self.latent_shape, generator=local, device=local.device)
-        return backward_simulation(self.student, noise.to(self.device), embeds, nfe, split, self.shift)
-
-    def _onpolicy_step(self, x0, embeds, local, shared) -> dict:
-        nfe, split = self.draw_rollout(shared)
-        logs = {"train/rollout_nfe": nfe, "train/rollout_split": split}
-        if self.is_generator_iteration(self.global_step):
-            logs.update(self._generator_update(x0, embeds, nfe, split, local, shared))
-        else:
-            logs.update(self._critic_update(x0, embeds, nfe, split, local))
-        return logs
-
-    def _generator_update(self, x0, embeds, nfe, split, local, shared) -> dict:
-        """DMD (+ GAN) on the student's rollout, backward first; then the co-trained flow-map loss; one step."""
-        optimizer, scheduler = self.optimizers()[0], self.lr_schedulers()[0]
-        negative = self.negative_embeds()
-        dmd_cfg = self.stage["dmd"]
-        optimizer.zero_grad(set_to_none=True)
-        x0_hat = self._rollout(embeds, nfe, split, local)
-        dmd = dmd_generator_loss(x0_hat, self.teacher, self.fake_score, embeds, negative_embeds=negative,
-                                 generator=local, weight=dmd_cfg["weight"], shift=dmd_cfg["shift"],
-                                 min_t=dmd_cfg["min_t"], max_t=dmd_cfg["max_t"],
-                                 real_guidance_scale=dmd_cfg["real_guidance_scale"])
-        logs = {"train/dmd_loss": dmd["loss"]}
-        loss = dmd["loss"]
-        if self.discriminator is not None:
-            x_t = add_noise(x0_hat, randn_like(x0_hat, local), dmd["t"])
-            gan = gan_generator_loss(self.discriminator.logits(self.teacher, x_t, dmd["t"], embeds))
-            loss = loss + self.stage["gan_weight"] * gan
-            logs["train/gan_g_loss"] = gan
-        self.manual_backward(loss)
-        if self.stage.get("cotrain_forward_kl", True):
-            out = self.objective(self.student, x0, embeds, negative_embeds=negative, generator=local,
-                                 time_generator=shared)
-            self.manual_backward(self.stage.get("cotrain_weight", 1.0) * out["loss"])
-            logs["train/flowmap_loss"] = out["loss"]
-        logs["train/grad_norm/student"] = self._clip(self.trainable(self.student))
-        optimizer.step()
-        scheduler.step()
-        logs["train/ema_decay"] = self.ema.update(self.student)
-        logs["train/lr"] = scheduler.get_last_lr()[0]
-        return logs
-
-    def _critic_update(self, x0, embeds, nfe, split, local) -> dict:
-        """Flow matching of the fake score on generated samples (+ the discriminator, real vs generated)."""
-        optimizer, scheduler = self.optimizers()[1], self.lr_schedulers()[1]
-        critic = self.stage["critic"]
-        with torch.no_grad():
-            x0_hat = self._rollout(embeds, nfe, split, local)
-        t = logit_normal(x0_hat.shape[0], generator=local, device=local.device)
-        t = time_shift(t, critic["shift"]).clamp(critic["min_t"], critic["max_t"]).to(self.device)
-        noise = randn_like(x0_hat, local)
-        fake = flow_matching_loss(self.fake_score, x0_hat, embeds, noise=noise, t=t)
-        loss, logs = fake["loss"], {"train/fake_score_loss": fake["loss"]}
-        if self.discriminator is not None:
-            real_t, fake_t = add_noise(x0, noise, t), add_noise(x0_hat, noise, t)
-            with torch.no_grad():
-                real_features = self.discriminator.features(self.teacher, real_t, t, embeds)
-                fake_features = self.discriminator.features(self.teacher, fake_t, t, embeds)
-            d_loss = gan_discriminator_loss(self.discriminator(real_features), self.discriminator(fake_features))
-            loss = loss + d_loss
-            logs["train/gan_d_loss"] = d_loss
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        logs["train/grad_norm/fake_score"] = self._clip(self.trainable(self.fake_score))
-        if self.discriminator is not None:
-            logs["train/grad_norm/discriminator"] = self._clip(list(self.discriminator.parameters()))
-        optimizer.step()
-        scheduler.step()
-        logs["train/lr_critic"] = scheduler.get_last_lr()[0]
-        return logs
+        """On-policy: whether ``iteration`` updates the generator (else the critic)."""
+        return is_generator_iteration(iteration, int(self.stage.get("generator_every", 1)))
 
     # ------------------------------------------------------------------ checkpoints, sampling, export
     def state_dict(self, *args, **kwargs):

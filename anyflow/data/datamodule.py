@@ -146,9 +146,10 @@ class AnyFlowDataModule(L.LightningDataModule):
                      self.skipped)
 
 
-def build_datamodule(data_cfg, seed: int) -> AnyFlowDataModule:
+def build_datamodule(data_cfg, seed: int, accumulate: int = 1) -> AnyFlowDataModule:
     """Instantiate ``data.train`` and wrap it; a :class:`DataError` comes out as itself, not as Hydra's
-    wrapped instantiation error."""
+    wrapped instantiation error. With gradient accumulation an iteration takes ``accumulate`` micro-batches of
+    ``data.batch_size`` per rank."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
@@ -158,4 +159,5 @@ def build_datamodule(data_cfg, seed: int) -> AnyFlowDataModule:
         if isinstance(error.__cause__, DataError):
             raise error.__cause__ from None
         raise
-    return AnyFlowDataModule(dataset, batch_size=data_cfg.batch_size, num_workers=data_cfg.num_workers, seed=seed)
+    return AnyFlowDataModule(dataset, batch_size=data_cfg.batch_size * accumulate, num_workers=data_cfg.num_workers,
+                             seed=seed)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from anyflow.flow import add_noise, dist_rank_world, logit_normal, shift as time_shift, time_weight, velocity
+from anyflow.flow import (add_noise, dist_rank_world, logit_normal, rank_positions, shift as time_shift, time_weight,
+                          velocity)
 from anyflow.objectives.common import condition, fuse_guidance, per_sample_mse, randn_like
 from anyflow.sampling import call_model
 
@@ -25,14 +26,15 @@ def flow_matching_loss(model, x0: Tensor, prompt_embeds: Tensor, *, noise: Tenso
     """Flow-matching loss of a velocity model. Returns ``loss``, ``target``, ``prediction``, ``t``.
 
     As in :func:`anyflow.objectives.flowmap_loss`, ``generator`` draws rank-local noise and text dropout and
-    ``time_generator`` (seeded alike on all ranks) the global batch's times, of which this rank keeps its slice.
+    ``time_generator`` (seeded alike on all ranks) the global batch's times, of which this rank keeps the positions
+    of :func:`anyflow.flow.rank_positions`.
     """
     batch = x0.shape[0]
     if noise is None:
         noise = randn_like(x0, generator)
     if t is None:
         rank, world_size = dist_rank_world(rank, world_size)
-        t = logit_normal(batch * world_size, generator=time_generator)[rank * batch : (rank + 1) * batch]
+        t = logit_normal(batch * world_size, generator=time_generator)[rank_positions(batch, rank, world_size)]
         t = time_shift(t, shift).to(x0.device)
     embeds, w = condition(prompt_embeds, negative_embeds, drop_text_ratio=drop_text_ratio,
                           guidance_scale=guidance_scale, generator=generator)
