@@ -118,7 +118,9 @@ def flowmap_loss(model, x0: Tensor, prompt_embeds: Tensor, *, noise: Tensor | No
 
     ``generator`` draws rank-local noise; ``time_generator`` must be seeded identically on all ranks: it draws
     the global batch's ``(t, r)`` split and text dropout, of which this rank keeps its share (``rank`` /
-    ``world_size`` default to torch.distributed's). Pass ``t`` and ``r`` to fix the times.
+    ``world_size`` default to torch.distributed's; gradient accumulation passes virtual ones). Pass ``t`` and
+    ``r`` to fix the times. Under torch.distributed every rank makes the no-gradient call, padded to one row
+    when it has nothing to compute: a sharded network all-gathers inside it.
     """
     batch = x0.shape[0]
     if (t is None) != (r is None):
@@ -152,7 +154,7 @@ def flowmap_loss(model, x0: Tensor, prompt_embeds: Tensor, *, noise: Tensor | No
     x_t, v = add_noise(x0, noise, t), velocity(x0, noise)
     dudt_rows, uncond_rows = no_grad_forwards(model, x_t, v, t, r, embeds, delta,
                                               negative_embeds if w is not None else None, jump=jump,
-                                              uncond=uncond, pad=world_size > 1)
+                                              uncond=uncond, pad=dist_rank_world()[1] > 1)
     prediction = call_model(model, x_t, t, r, embeds)
     dudt = torch.zeros_like(v)
     if dudt_rows is not None:
