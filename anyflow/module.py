@@ -19,6 +19,7 @@ resumed run continues exactly like an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -78,6 +79,9 @@ class AnyFlowModule(L.LightningModule):
         self.optim = {"lr": 1e-4, "betas": (0.9, 0.999), "weight_decay": 0.0, "warmup_steps": 0, "clip": 1.0,
                       **(optim or {})}
         self.sampling = {"mode": "flowmap" if self.stage_name != "teacher" else "teacher", **(sampling or {})}
+        # a plain partial: Hydra's instantiated partials re-check their target and result on every call
+        if isinstance(objective, functools.partial):
+            objective = functools.partial(objective.func, *objective.args, **objective.keywords)
         self.objective = objective
         self.automatic_optimization = False
         for name in FROZEN:
@@ -241,6 +245,11 @@ class AnyFlowModule(L.LightningModule):
         return out
 
     def _log(self, values: dict, prog_bar: tuple[str, ...] = ()):
+        # step values reach the loggers only every trainer.log_every_n_steps iterations: log those alone (each
+        # self.log costs host time, and a logged device tensor is read back at the interval anyway)
+        connector = getattr(self.trainer, "_logger_connector", None)
+        if connector is not None and not connector.should_update_logs:
+            return
         for key, value in values.items():
             value = value.detach().float() if isinstance(value, Tensor) else float(value)
             self.log(key, value, on_step=True, on_epoch=False, prog_bar=key in prog_bar,
