@@ -492,12 +492,22 @@ def build_networks(cfg, device: torch.device, dtype: torch.dtype) -> dict:
             "encodes": encodes, "encodes_during_iterations": 0, "iterations": 0}
 
 
+def _command_line_keys() -> set[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+    except (ValueError, AttributeError):  # no Hydra run
+        return set()
+
+
 def run(cfg: DictConfig) -> dict:
     """Every measurement of the module docstring; prints the table, writes ``bench.json``, returns the results."""
-    if cfg.quick:
+    if cfg.quick:  # the quick settings, except those given on the command line
         with open_dict(cfg):
             for key, value in QUICK.items():
-                OmegaConf.update(cfg, key, value)
+                if key not in _command_line_keys():
+                    OmegaConf.update(cfg, key, value)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
