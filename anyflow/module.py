@@ -12,9 +12,9 @@ the LR schedules — counts training *iterations*:
 With ``stage.accumulate_grad_batches = n`` an iteration runs ``n`` micro-batches before its one step, and an
 update whose loss or gradient norm is not finite is skipped and counted (:meth:`AnyFlowModule.step`).
 
-All randomness of an iteration comes from generators seeded with ``(seed, iteration, rank)`` (local:
-noise, dropout) and ``(seed, iteration)`` (shared by all ranks: times, the rollout's NFE and split), so a
-resumed run continues exactly like an uninterrupted one.
+Every random number of a sample depends only on ``(seed, iteration, its global position)`` (see
+:mod:`anyflow.stages.common`), and the rollout's NFE and split on ``(seed, iteration)``: a resumed run continues
+exactly like an uninterrupted one, and the same global batch gives the same update on any number of ranks.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from anyflow.fsdp import hybrid_mesh, shard_network
 from anyflow.models.lora import merged_state, named_trainable, save_adapter
 from anyflow.networks import export_lora_metadata
 from anyflow.sampling import Sampler
-from anyflow.stages.common import MicroBatch, micro_batches
+from anyflow.stages.common import MicroBatch, SampleRandom, micro_batches, mix_seed
 from anyflow.stages.onpolicy import is_generator_iteration, onpolicy_step
 from anyflow.stages.regression import regression_step
 
@@ -45,14 +45,6 @@ log = logging.getLogger("anyflow")
 
 class NonFiniteError(RuntimeError):
     """Training produced non-finite values for ``max_nonfinite_steps`` updates in a row (one sentence)."""
-
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed mixing ``parts`` (one LCG step each): distinct streams per (seed, iteration, rank)."""
-    value = 0x9E3779B97F4A7C15
-    for part in parts:
-        value = (value * 6364136223846793005 + int(part) + 1442695040888963407) % (1 << 63)
-    return value
 
 
 class AnyFlowModule(L.LightningModule):
@@ -164,7 +156,7 @@ class AnyFlowModule(L.LightningModule):
 
     def _adamw(self, groups, overrides: dict | None = None):
         optim = {**self.optim, **(overrides or {})}
-        return torch.optim.AdamW(groups, lr=optim["lr"], betas=tuple(optim["betas"]),
+        return torch.optim.AdamW(groups, lr=optim["lr"], betas=tuple(optim["betas"]), eps=optim.get("eps", 1e-8),
                                  weight_decay=optim["weight_decay"])
 
     def _warmup(self, optimizer):
@@ -182,12 +174,15 @@ class AnyFlowModule(L.LightningModule):
         return optimizers, [{"scheduler": self._warmup(o), "interval": "step"} for o in optimizers]
 
     # ------------------------------------------------------------------ helpers
-    def generators(self) -> tuple[torch.Generator, torch.Generator]:
-        """``(local, shared)`` generators of this iteration: local on this device, shared (on CPU) alike on all ranks."""
-        step = self.global_step
-        local = torch.Generator(device=self.device).manual_seed(_seed(self.seed, step, self.global_rank, 1))
-        shared = torch.Generator().manual_seed(_seed(self.seed, step, 2))
-        return local, shared
+    def shared_generator(self) -> torch.Generator:
+        """This iteration's CPU generator, alike on all ranks: the rollout's (K, j), the global batch's times,
+        split and text dropout (each rank keeps its positions)."""
+        return torch.Generator().manual_seed(mix_seed(self.seed, self.global_step, 2))
+
+    def randomness(self, mb: MicroBatch, batch: int) -> SampleRandom:
+        """The per-sample random numbers of micro-batch ``mb`` of an iteration batch of ``batch`` rows here."""
+        return SampleRandom(self.seed, self.global_step, len(range(batch)[mb.rows]), mb.rank, mb.world_size,
+                            self.device)
 
     def encode_batch(self, batch: dict) -> tuple[Tensor, Tensor]:
         """``(x_0 latents, prompt embeddings)`` of a batch (precomputed ones are used when present)."""
@@ -261,11 +256,11 @@ class AnyFlowModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x0, embeds = self.encode_batch(batch)
-        local, shared = self.generators()
+        shared = self.shared_generator()
         if self.stage_name in ("teacher", "pretrain"):
-            logs = regression_step(self, x0, embeds, local, shared)
+            logs = regression_step(self, x0, embeds, shared)
         elif self.stage_name == "onpolicy":
-            logs = onpolicy_step(self, x0, embeds, local, shared)
+            logs = onpolicy_step(self, x0, embeds, shared)
         else:
             raise ValueError(f"unknown stage {self.stage_name!r}; use stage=teacher, pretrain or onpolicy.")
         logs["train/step_time"] = time.perf_counter() - self._step_start

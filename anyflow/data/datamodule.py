@@ -1,8 +1,10 @@
 """The Lightning DataModule: an endless, resumable stream of training batches.
 
-Batch ``i`` on rank ``k`` holds items ``((i·world + k)·B + j)`` of an epoch-wise order of the dataset
-(a seeded permutation per epoch, the dataset's own ``order(seed)`` when it has one, or the natural order for
-procedural data). It depends only on the iteration, so a run resumed from a checkpoint at iteration ``i`` sees
+Batch ``i`` on rank ``k`` of ``W`` holds the items at global positions ``i·W·B + j·W + k`` (``j < B``) of an
+epoch-wise order of the dataset (a seeded permutation per epoch, the dataset's own ``order(seed)`` when it has
+one, or the natural order for procedural data): the global batch is dealt out like cards, the same way its times
+are (:func:`anyflow.flow.rank_positions`), so sample ``j`` of rank ``k`` is global sample ``j·W + k`` whatever
+the number of ranks. It depends only on the iteration, so a run resumed from a checkpoint at iteration ``i`` sees
 exactly the batches an uninterrupted run would, on any number of ranks and workers.
 
 Real data has bad items. A dataset whose ``__getitem__`` raises :class:`SkipItem` has that item replaced by the
@@ -104,7 +106,7 @@ class IterationStream(IterableDataset):
         iteration = self.start + worker
         while True:
             for j in range(self.batch_size):
-                position = iteration * per_iteration + self.rank * self.batch_size + j
+                position = iteration * per_iteration + j * self.world_size + self.rank
                 if position // n != epoch:
                     epoch = position // n
                     order = self._order(epoch)

@@ -30,16 +30,6 @@ def fuse_guidance(u_cond: Tensor, u_uncond: Tensor, w: Tensor) -> Tensor:
     return (u_cond - (1 - w) * u_uncond) / w
 
 
-def condition(prompt_embeds: Tensor, negative_embeds: Tensor | None, *, drop_text_ratio: float,
-              guidance_scale: float | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
-    """Text dropout, then the per-sample guidance-fusion scale: ``(embeds, w or None)``."""
-    embeds, dropped = drop_text(prompt_embeds, negative_embeds, drop_text_ratio, generator)
-    w = guidance_weights(prompt_embeds.shape[0], guidance_scale, dropped)
-    if w is not None and negative_embeds is None:
-        raise ValueError("guidance fusion needs negative_embeds (the negative-prompt embedding).")
-    return embeds, w
-
-
 def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     """Gaussian noise shaped like ``x``, drawn on the generator's device."""
     device = generator.device if generator is not None else x.device

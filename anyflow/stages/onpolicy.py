@@ -7,9 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from anyflow.flow import add_noise, logit_normal, shift as time_shift
+from anyflow.flow import add_noise, shift as time_shift
 from anyflow.objectives import dmd_generator_loss, flow_matching_loss, gan_discriminator_loss, gan_generator_loss
-from anyflow.objectives.common import randn_like
 from anyflow.sampling import backward_simulation
 from anyflow.stages.common import clip
 
@@ -32,47 +31,48 @@ def draw_rollout(module, shared: torch.Generator) -> tuple[int, int]:
     return nfe, split
 
 
-def rollout(module, embeds: Tensor, nfe: int, split: int, local: torch.Generator) -> Tensor:
+def rollout(module, embeds: Tensor, nfe: int, split: int, random) -> Tensor:
     """The student's sample by flow-map backward simulation (≤ 3 calls), keeping its graph when grads are on."""
-    noise = torch.randn(embeds.shape[0], *module.latent_shape, generator=local, device=local.device)
-    return backward_simulation(module.student, noise.to(module.device), embeds, nfe, split, module.shift)
+    noise = random.normal("rollout", module.latent_shape)
+    return backward_simulation(module.student, noise, embeds, nfe, split, module.shift)
 
 
-def onpolicy_step(module, x0: Tensor, embeds: Tensor, local, shared) -> dict:
+def onpolicy_step(module, x0: Tensor, embeds: Tensor, shared) -> dict:
     nfe, split = draw_rollout(module, shared)
     logs = {"train/rollout_nfe": nfe, "train/rollout_split": split}
     if is_generator_iteration(module.global_step, int(module.stage.get("generator_every", 1))):
-        logs.update(generator_update(module, x0, embeds, nfe, split, local, shared))
+        logs.update(generator_update(module, x0, embeds, nfe, split, shared))
     else:
-        logs.update(critic_update(module, x0, embeds, nfe, split, local))
+        logs.update(critic_update(module, x0, embeds, nfe, split))
     return logs
 
 
-def generator_update(module, x0, embeds, nfe, split, local, shared) -> dict:
+def generator_update(module, x0, embeds, nfe, split, shared) -> dict:
     """DMD (+ GAN) on the student's rollout, backward first; then the co-trained flow-map loss; one step."""
     optimizer, scheduler = module.optimizers()[0], module.lr_schedulers()[0]
     negative, dmd_cfg, stage = module.negative_embeds(), module.stage["dmd"], module.stage
     optimizer.zero_grad(set_to_none=True)
     losses: dict[str, list[Tensor]] = {}
     for mb in module.micro_batches():
-        e = embeds[mb.rows]
-        x0_hat = rollout(module, e, nfe, split, local)
-        dmd = dmd_generator_loss(x0_hat, module.teacher, module.fake_score, e, negative_embeds=negative,
-                                 generator=local, weight=dmd_cfg["weight"], shift=dmd_cfg["shift"],
-                                 min_t=dmd_cfg["min_t"], max_t=dmd_cfg["max_t"],
+        e, random = embeds[mb.rows], module.randomness(mb, len(x0))
+        x0_hat = rollout(module, e, nfe, split, random)
+        t = time_shift(random.uniform("dmd_t"), dmd_cfg["shift"]).clamp(dmd_cfg["min_t"], dmd_cfg["max_t"])
+        dmd = dmd_generator_loss(x0_hat, module.teacher, module.fake_score, e, negative_embeds=negative, t=t,
+                                 noise=random.normal("dmd_noise", x0_hat.shape[1:]), weight=dmd_cfg["weight"],
                                  real_guidance_scale=dmd_cfg["real_guidance_scale"])
         loss = dmd["loss"]
         losses.setdefault("dmd_loss", []).append(dmd["loss"])
         if module.discriminator is not None:
-            x_t = add_noise(x0_hat, randn_like(x0_hat, local), dmd["t"])
+            x_t = add_noise(x0_hat, random.normal("gan_noise", x0_hat.shape[1:]), dmd["t"])
             gan = gan_generator_loss(module.discriminator.logits(module.teacher, x_t, dmd["t"], e))
             loss = loss + stage["gan_weight"] * gan
             losses.setdefault("gan_g_loss", []).append(gan)
         module.manual_backward(loss * mb.scale)
         if stage.get("cotrain_forward_kl", True):
-            out = module.objective(module.student, x0[mb.rows], e, negative_embeds=negative, generator=local,
-                                   time_generator=module.clone_generator(shared), rank=mb.rank,
-                                   world_size=mb.world_size)
+            x = x0[mb.rows]
+            out = module.objective(module.student, x, e, noise=random.normal("noise", x.shape[1:]),
+                                   negative_embeds=negative, time_generator=module.clone_generator(shared),
+                                   rank=mb.rank, world_size=mb.world_size)
             module.manual_backward(stage.get("cotrain_weight", 1.0) * out["loss"] * mb.scale)
             losses.setdefault("flowmap_loss", []).append(out["loss"])
     means = {name: sum(values) / len(values) for name, values in losses.items()}
@@ -83,19 +83,18 @@ def generator_update(module, x0, embeds, nfe, split, local, shared) -> dict:
     return logs
 
 
-def critic_update(module, x0, embeds, nfe, split, local) -> dict:
+def critic_update(module, x0, embeds, nfe, split) -> dict:
     """Flow matching of the fake score on generated samples (+ the discriminator, real vs generated)."""
     optimizer, scheduler = module.optimizers()[1], module.lr_schedulers()[1]
     critic = module.stage["critic"]
     optimizer.zero_grad(set_to_none=True)
     losses: dict[str, list[Tensor]] = {}
     for mb in module.micro_batches():
-        e = embeds[mb.rows]
+        e, random = embeds[mb.rows], module.randomness(mb, len(x0))
         with torch.no_grad():
-            x0_hat = rollout(module, e, nfe, split, local)
-        t = logit_normal(x0_hat.shape[0], generator=local, device=local.device)
-        t = time_shift(t, critic["shift"]).clamp(critic["min_t"], critic["max_t"]).to(module.device)
-        noise = randn_like(x0_hat, local)
+            x0_hat = rollout(module, e, nfe, split, random)
+        t = time_shift(random.logit_normal("critic_t"), critic["shift"]).clamp(critic["min_t"], critic["max_t"])
+        noise = random.normal("critic_noise", x0_hat.shape[1:])
         fake = flow_matching_loss(module.fake_score, x0_hat, e, noise=noise, t=t)
         loss = fake["loss"]
         losses.setdefault("fake_score_loss", []).append(fake["loss"])

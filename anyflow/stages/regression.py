@@ -5,19 +5,18 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from anyflow.objectives.common import randn_like
 from anyflow.stages.common import clip
 
 
-def regression_step(module, x0: Tensor, embeds: Tensor, local, shared) -> dict:
+def regression_step(module, x0: Tensor, embeds: Tensor, shared) -> dict:
     """One student update over the iteration's micro-batches; returns the logs."""
     optimizer, scheduler = module.optimizers(), module.lr_schedulers()
-    noise = randn_like(x0, local)  # the whole iteration's noise, drawn once
     optimizer.zero_grad(set_to_none=True)
     outs = []
     for mb in module.micro_batches():
-        out = module.objective(module.student, x0[mb.rows], embeds[mb.rows], noise=noise[mb.rows],
-                               negative_embeds=module.negative_embeds(), generator=local,
+        x, random = x0[mb.rows], module.randomness(mb, len(x0))
+        out = module.objective(module.student, x, embeds[mb.rows], noise=random.normal("noise", x.shape[1:]),
+                               negative_embeds=module.negative_embeds(),
                                time_generator=module.clone_generator(shared), rank=mb.rank, world_size=mb.world_size)
         module.manual_backward(out["loss"] * mb.scale)
         outs.append(out)
