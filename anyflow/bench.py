@@ -13,16 +13,19 @@ one at network calls and backward hooks into
 
 (a phase runs from its mark to the next; ``optimizer`` starts after a backward: clip, step, LR, EMA, logging).
 A **floor** is what the iteration costs with nothing around its networks: the same network calls made bare
-(same rows, random inputs, each timed alone), a backward through every graded call, one bare clip + AdamW
-step (+ EMA for the student).
+(same rows, random inputs; a rollout's graded calls chained), a backward through the graded ones, one bare
+clip + AdamW step (+ EMA for the student); it is timed right after its iteration, so that a change of load
+on the machine hits both alike. On the CPU the clock is the process' CPU time (``clock=auto``), which other
+processes do not inflate.
 
 - pretrain: ours vs :func:`official_flowmap_loss`, a replica of the official trainer's loss assembly,
-  alternating iteration by iteration on the same weights, with guidance fusion off and on. Its floor counts
+  alternating iteration by iteration on the same weights, with guidance fusion off and on. Our floor counts
   one no-grad row per derivative point of an ``r ≠ t`` sample (+ one per kept prompt under fusion); the
-  naive floor gives every sample both derivative points (and ``u_∅``).
+  naive floor gives every sample both derivative points (and ``u_∅``); the official floor is its own calls
+  made bare, so ``floor / official floor`` is the best ``×official`` our calls allow.
 - on-policy generator and critic iterations (``stage=onpolicy``, random teacher) vs their floors.
 - backward simulation (≤ 3 graded calls) vs all K flow-map steps with the gradient kept at one, fwd + bwd.
-- sampling seconds per clip at each NFE, and the NFE-4 speed-up over the teacher (Euler + CFG) at 50 steps.
+- sampling time per clip at each NFE, and the NFE-4 speed-up over the teacher (Euler + CFG) at 50 steps.
 - peak memory of each figure: allocated bytes on CUDA, the process' peak resident set on the CPU.
 
 Prints the table and writes ``bench.json`` to ``out_dir``.
@@ -42,7 +45,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
@@ -392,8 +395,8 @@ def bench_pretrain(cfg, nets, meter, floors, compile: bool) -> dict:
     for label, scale in (("fusion off", None), ("fusion on", float(cfg.fusion_scale))):
         kwargs = {k: v for k, v in OmegaConf.to_container(cfg.pretrain.objective, resolve=True).items()
                   if not k.startswith("_")}
-        kwargs["guidance_scale"] = scale
-        objective = Alternate({"anyflow": partial(instantiate(cfg.pretrain.objective), guidance_scale=scale),
+        kwargs["guidance_scale"] = scale  # both plain partials, as the module keeps its objective
+        objective = Alternate({"anyflow": partial(get_method(cfg.pretrain.objective._target_), **kwargs),
                                "official": partial(official_flowmap_loss, **kwargs)})
         timer = PhaseTimer(meter, floors, objective, naive_rows=(3 if scale else 2) * cfg.batch_size)
         records = _fit(_module(cfg, nets, cfg.pretrain, objective, compile), nets, cfg, timer)
