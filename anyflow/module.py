@@ -33,6 +33,7 @@ from anyflow.ema import EMA
 from anyflow.export import atomic_folder_write, full_state_dict, write_export
 from anyflow.fsdp import hybrid_mesh, shard_network
 from anyflow.models.lora import merged_state, named_trainable, save_adapter
+from anyflow.models.meta import materialize
 from anyflow.networks import export_lora_metadata
 from anyflow.sampling import Sampler
 from anyflow.stages.common import MicroBatch, SampleRandom, micro_batches, mix_seed
@@ -105,6 +106,9 @@ class AnyFlowModule(L.LightningModule):
         data-parallel mesh, so that the EMA shadow is sharded like the student."""
         if self.device_mesh is not None and not self._sharded:
             self._shard(self.device_mesh["data_parallel"])
+        for network in self.networks():  # meta-device networks get their (sharded) weights now
+            if hasattr(network, "anyflow_source"):
+                materialize(network, self.device)
         if self.compile_blocks and not self._compiled:
             self._compile()
         if self.ema is None:

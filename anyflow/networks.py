@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from anyflow.config import ConfigError
 from anyflow.export import newest_export
 from anyflow.models import FlowMapWanTransformer3DModel
+from anyflow.models.meta import empty_transformer
 from anyflow.models.lora import (AdapterRole, LoraSpec, add_adapter, is_adapter_key, load_adapter, official_state_dict,
                                  torch_load_weights)
 
@@ -39,7 +40,12 @@ def base_identity(cfg: DictConfig) -> str | None:
 
 
 def load_transformer(cfg: DictConfig, source: Path | None) -> FlowMapWanTransformer3DModel:
-    """The transformer at ``source`` (see the module docstring); one sentence when it cannot be read."""
+    """The transformer at ``source`` (see the module docstring); one sentence when it cannot be read. With
+    ``model.meta_init`` a folder's transformer is built on the meta device and filled after sharding."""
+    folder = source if source is not None else (Path(cfg.model.path) if cfg.model.get("path") else None)
+    if cfg.model.get("meta_init") and folder is not None and folder.is_dir():
+        kwargs = {k: cfg.model.transformer[k] for k in ("gate_value", "deltatime_type") if k in cfg.model.transformer}
+        return empty_transformer(folder, **kwargs)
     if source is None:
         return instantiate(cfg.model.transformer, _convert_="all")
     if source.is_file():
@@ -74,10 +80,10 @@ def lora_network(cfg: DictConfig, source: Path | None, name: str, spec: LoraSpec
     stored = export_adapter(source, name, cfg)
     if stored is not None:
         spec, state = stored
-        network = add_adapter(load_transformer(cfg, None), name, spec, state)
+        network = add_adapter(load_transformer(cfg, None), name, spec, state, seed=cfg.seed)
         log.info("adapter %r continued from %s over %s", name, source, base_identity(cfg))
         return network, {"adapter": name, "spec": spec, "base": base_identity(cfg)}
-    network = add_adapter(load_transformer(cfg, source), name, spec)
+    network = add_adapter(load_transformer(cfg, source), name, spec, seed=cfg.seed)
     base = str(source.resolve()) if source is not None else base_identity(cfg)
     return network, {"adapter": name, "spec": spec, "base": base}
 
@@ -131,7 +137,7 @@ def build_networks(cfg: DictConfig, init: Path | None) -> dict:
             teacher = load_transformer(cfg, source).requires_grad_(False)
             fake_score = copy.deepcopy(teacher)
             if specs["score"] is not None:
-                add_adapter(fake_score, "fake_score", specs["score"])
+                add_adapter(fake_score, "fake_score", specs["score"], seed=cfg.seed)
             else:
                 fake_score.requires_grad_(True)
             out.update(teacher=teacher, fake_score=fake_score)
@@ -159,12 +165,12 @@ def shared_roles(cfg: DictConfig, student, lora: dict | None, teacher_source: Pa
             raise ConfigError(f"model.shared_base=true needs a teacher that is model.path or a LoRA teacher export over "
                               f"it, but teacher_from={teacher_source} carries no adapter over {base}; use "
                               "model.shared_base=false.")
-        add_adapter(student, "teacher", *stored)
+        add_adapter(student, "teacher", *stored, seed=cfg.seed)
         teacher_adapter, fake_init = "teacher", stored
     for name, param in student.named_parameters():
         if is_adapter_key(name, "teacher"):
             param.requires_grad_(False)
-    add_adapter(student, "fake_score", *(fake_init or (score, None)))
+    add_adapter(student, "fake_score", *(fake_init or (score, None)), seed=cfg.seed)
     return {"shared_base": student, "student": AdapterRole(student, "student"),
             "teacher": AdapterRole(student, teacher_adapter), "fake_score": AdapterRole(student, "fake_score")}
 

@@ -59,6 +59,12 @@ def test_pretrain_two_ranks_equal_one_process_and_resume(chain):
     worst, moved = _close(_adapter(two), _adapter(one), rtol=0.02)
     print(f"\n[fsdp] pretrain, LoRA, bf16: 2 ranks × 1 vs 1 process × 2: max |Δ adapter| = {worst:.2e} "
           f"(largest lora_B {moved:.2e})")
+    # meta-device init (each rank fills only its shards, weight by weight) trains exactly like eager loading
+    meta = _train(chain, "pretrain", "meta", 2, *args, "data.batch_size=1", "model.meta_init=true")
+    a, b = _adapter(two), _adapter(meta)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    merged = [load_file(run / "export" / "transformer" / "diffusion_pytorch_model.safetensors") for run in (two, meta)]
+    assert all(torch.equal(merged[0][k], merged[1][k]) for k in merged[0])
     assert (two / "checkpoints" / "last.ckpt").is_dir()  # a distributed checkpoint folder
     half = _train(chain, "pretrain", "half", 2, "init_from=base", "trainer.max_steps=1", "data.batch_size=1",
                   "callbacks.checkpoint.every_n_train_steps=1")

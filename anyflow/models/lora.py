@@ -112,18 +112,30 @@ class LoraSpec:
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=names, lora_dropout=0.0, bias="none")
 
 
-def add_adapter(model: nn.Module, name: str, spec: LoraSpec, state: dict[str, Tensor] | None = None) -> nn.Module:
-    """Inject adapter ``name`` into ``model`` in place (fresh: B = 0, or ``state`` in peft's per-adapter format)
-    and make it, and only it, trainable among ``model``'s parameters so far marked as adapters."""
+def add_adapter(model: nn.Module, name: str, spec: LoraSpec, state: dict[str, Tensor] | None = None,
+                seed: int = 0) -> nn.Module:
+    """Inject adapter ``name`` into ``model`` in place — ``state`` (peft's per-adapter format), or fresh (A seeded
+    by ``seed`` and the weight's name, B = 0: see :func:`anyflow.models.meta.fresh_lora`) — and make it, and only
+    it, trainable among ``model``'s parameters so far marked as adapters. On a meta-device model the weights are
+    filled in later by :func:`anyflow.models.meta.materialize`."""
     from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    from anyflow.models.meta import reset_adapter
 
     with warnings.catch_warnings():  # peft warns that a second adapter makes several: that is the intent
         warnings.filterwarnings("ignore", message=".*Already found a `peft_config` attribute.*")
         inject_adapter_in_model(spec.peft_config(model), model, adapter_name=name)
-    if state is not None:
+    source = getattr(model, "anyflow_source", None)
+    if source is not None:  # meta device: remembered, loaded when materialised
+        source.seed = seed
+        if state is not None:
+            source.adapters[name] = state
+    elif state is not None:
         result = set_peft_model_state_dict(model, state, adapter_name=name)
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"adapter {name!r} has weights for layers the network lacks: {result.unexpected_keys[:3]}.")
+    else:
+        reset_adapter(model, name, seed)
     for key, param in model.named_parameters():
         if is_adapter_key(key, name):
             param.requires_grad_(True)
