@@ -186,14 +186,16 @@ def tokens_of(cfg: DictConfig, config: dict) -> int:
     return (f // p[0]) * (h // p[1]) * (w // p[2])
 
 
-def plan(cfg: DictConfig, *, lora: dict | None, shared: bool, checkpointing: bool, acts: dict) -> dict[str, float]:
+def plan(cfg: DictConfig, *, lora: dict | None, shared: bool, checkpointing: bool, acts: dict,
+         rollout_checkpoint: bool = False) -> dict[str, float]:
     """Per-GPU bytes of one variant of the run."""
     stage = cfg.stage.name
     counts = count_parameters(cfg, stage, lora, shared)
     ranks = int(cfg.trainer.devices) * (1 if cfg.model.get("fsdp_hybrid") else int(cfg.trainer.get("num_nodes", 1)))
     config = transformer_config(cfg)
     tokens = tokens_of(cfg, config) * int(cfg.data.batch_size)
-    graphs = 3 if stage == "onpolicy" else 1  # the rollout's ≤ 3 calls keep their graphs in a generator update
+    # the rollout's ≤ 3 calls keep their graphs in a generator update, unless each is recomputed in the backward
+    graphs = 3 if stage == "onpolicy" and not rollout_checkpoint else 1
     layers = config["num_layers"]
     if checkpointing:
         act = graphs * tokens * (layers * acts["block_ckpt"] + acts["outer_ckpt"]) + tokens * acts["block"]
@@ -206,16 +208,21 @@ def plan(cfg: DictConfig, *, lora: dict | None, shared: bool, checkpointing: boo
             "activations": act, "_trainable": counts.trainable, "_total": counts.total}
 
 
-def variants(cfg: DictConfig) -> list[tuple[str, dict | None, bool, bool]]:
+def variants(cfg: DictConfig) -> list[tuple[str, dict | None, bool, bool, bool]]:
+    """``(name, lora, shared base, checkpointing, rollout recompute)``: the run as configured, then alternatives."""
     lora = OmegaConf.to_container(cfg.model.lora, resolve=True) if cfg.model.get("lora") else None
     paper = lora or {"student": {"rank": 256, "alpha": 256, "targets": ["attn1", "ffn", "time_embedder",
                                                                         "delta_embedder"]},
                      "score": {"rank": 256, "alpha": 256, "targets": ["attn1", "ffn"]}}
-    out = [("as configured", lora, bool(cfg.model.get("shared_base")), bool(cfg.model.get("gradient_checkpointing")))]
-    out += [("full fine-tuning, checkpointing", None, False, True), ("LoRA, checkpointing", paper, False, True),
-            ("LoRA, no checkpointing", paper, False, False)]
+    recompute = bool(cfg.stage.get("rollout_checkpoint"))
+    out = [("as configured", lora, bool(cfg.model.get("shared_base")), bool(cfg.model.get("gradient_checkpointing")),
+            recompute)]
+    out += [("full fine-tuning, checkpointing", None, False, True, False), ("LoRA, checkpointing", paper, False, True,
+                                                                            False),
+            ("LoRA, no checkpointing", paper, False, False, False)]
     if cfg.stage.name == "onpolicy":
-        out.append(("LoRA + shared base, checkpointing", paper, True, True))
+        out += [("LoRA + shared base, checkpointing", paper, True, True, False),
+                ("LoRA + shared base, checkpointing, rollout recomputed", paper, True, True, True)]
     return out
 
 
@@ -229,8 +236,8 @@ def report(cfg: DictConfig) -> str:
     keys = ["parameters", "gradients", "optimizer", "ema", "all-gather", "text encoder", "vae", "activations"]
     lines = [head, "", "| variant | trainable | " + " | ".join(keys) + " | total GB/GPU | 80 GB | 141 GB |",
              "|---|---:|" + "---:|" * (len(keys) + 3)]
-    for name, lora, shared, ckpt in variants(cfg):
-        row = plan(cfg, lora=lora, shared=shared, checkpointing=ckpt, acts=acts)
+    for name, lora, shared, ckpt, recompute in variants(cfg):
+        row = plan(cfg, lora=lora, shared=shared, checkpointing=ckpt, acts=acts, rollout_checkpoint=recompute)
         total = sum(row[k] for k in keys)
         fits = ["fits" if total <= 0.9 * cap * GB else "no" for cap in (80, 141)]
         lines.append(f"| {name} | {row['_trainable'] / 1e6:,.0f} M | " + " | ".join(f"{row[k] / GB:.1f}" for k in keys)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -60,12 +61,14 @@ def sample(model, noise: Tensor, prompt_embeds: Tensor, nfe: int, shift: float =
 
 
 def backward_simulation(model, noise: Tensor, prompt_embeds: Tensor, nfe: int, split: int, shift: float = 1.0,
-                        *, guidance_scale: float = 1.0, negative_embeds: Tensor | None = None) -> Tensor:
+                        *, guidance_scale: float = 1.0, negative_embeds: Tensor | None = None,
+                        checkpoint: bool = False) -> Tensor:
     """Flow-map backward simulation (docs/method.md §6.2): the student's on-policy sample of a K-step rollout.
 
     With the K-step schedule ``τ`` and a split ``j``, jump ``τ_0 → τ_j`` (skipped if j = 0), take the single
     step ``τ_j → τ_{j+1}``, then jump ``τ_{j+1} → 0`` (skipped if j + 1 = K): at most three network calls for
-    any K. The result keeps its autograd graph when gradients are enabled.
+    any K. The result keeps its autograd graph when gradients are enabled; with ``checkpoint`` each call keeps
+    only its inputs and is recomputed in the backward pass (the same gradient; one graph alive instead of three).
     """
     if not 0 <= split < nfe:
         raise ValueError(f"split={split} must lie in 0..{nfe - 1} for nfe={nfe}.")
@@ -73,8 +76,13 @@ def backward_simulation(model, noise: Tensor, prompt_embeds: Tensor, nfe: int, s
     stops = [tau[0]] + ([tau[split]] if split > 0 else []) + [tau[split + 1]] + ([tau[-1]] if split + 1 < nfe else [])
     x = noise
     batch = noise.shape[0]
+    recompute = checkpoint and torch.is_grad_enabled()
     for t, r in zip(stops[:-1], stops[1:]):
-        u = guided(model, x, t, r, prompt_embeds, negative_embeds, guidance_scale)
+        if recompute:
+            u = torch.utils.checkpoint.checkpoint(guided, model, x, t, r, prompt_embeds, negative_embeds,
+                                                  guidance_scale, use_reentrant=False)
+        else:
+            u = guided(model, x, t, r, prompt_embeds, negative_embeds, guidance_scale)
         x = flow_map_step(x, u, t.expand(batch), r.expand(batch))
     return x
 

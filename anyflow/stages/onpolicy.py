@@ -34,7 +34,8 @@ def draw_rollout(module, shared: torch.Generator) -> tuple[int, int]:
 def rollout(module, embeds: Tensor, nfe: int, split: int, random) -> Tensor:
     """The student's sample by flow-map backward simulation (≤ 3 calls), keeping its graph when grads are on."""
     noise = random.normal("rollout", module.latent_shape)
-    return backward_simulation(module.student, noise, embeds, nfe, split, module.shift)
+    return backward_simulation(module.student, noise, embeds, nfe, split, module.shift,
+                               checkpoint=bool(module.stage.get("rollout_checkpoint", False)))
 
 
 def onpolicy_step(module, x0: Tensor, embeds: Tensor, shared) -> dict:
