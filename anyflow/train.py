@@ -164,7 +164,8 @@ def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     check_model_folder(cfg)
     ckpt = resolve_ckpt(cfg)
-    data = build_datamodule(cfg.data, cfg.seed, cfg.stage.get("accumulate_grad_batches", 1))  # first: a dataset with no usable clip fails before any model loads
+    # first: a dataset with no usable clip fails before any model loads
+    data = build_datamodule(cfg.data, cfg.seed, cfg.stage.get("accumulate_grad_batches", 1))
     module = build_module(cfg)
     trainer = build_trainer(cfg)
     try:
