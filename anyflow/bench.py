@@ -368,9 +368,9 @@ def _fit(module, nets, cfg, timer: PhaseTimer) -> list[dict]:
     data = torch.utils.data.DataLoader(RandomLatents(nets["latent_shape"], nets["text_shape"], nets["dtype"],
                                                      n=2 * cfg.batch_size, seed=cfg.seed), batch_size=cfg.batch_size)
     accelerator = "gpu" if timer.meter.device.type == "cuda" else "cpu"
-    trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=iterations, logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, log_every_n_steps=10, callbacks=[timer])
+    trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=iterations, logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=10, callbacks=[timer])
     encodes = nets["encodes"]["n"]
     trainer.fit(module, train_dataloaders=data)
     nets["encodes_during_iterations"] += nets["encodes"]["n"] - encodes
@@ -471,7 +471,8 @@ def bench_sampling(cfg, nets, meter, noise, embeds, negative) -> dict:
                                              negative_embeds=negative, progress=False), cfg.warmup, cfg.repeats)
     teacher_ms = 1e3 * teacher["s"] / clips
     return {"per_clip_ms": per_clip, "peak_mib": peaks, "teacher_per_clip_ms": teacher_ms,
-            "teacher_peak_mib": teacher["peak_mib"], "speedup_nfe4": teacher_ms / per_clip[4] if 4 in per_clip else None}
+            "teacher_peak_mib": teacher["peak_mib"],
+            "speedup_nfe4": teacher_ms / per_clip[4] if 4 in per_clip else None}
 
 
 def build_networks(cfg, device: torch.device, dtype: torch.dtype) -> dict:
@@ -592,10 +593,12 @@ def table(results: dict) -> str:
             lines.append(_row(label, f"{p['anyflow_ms']:.1f}", f"{p['official_ms']:.1f}", f"{p['vs_official']:.2f}",
                               f"{p['floor_ms']:.1f}", f"{p['vs_floor']:.2f}", f"{p['official_floor_ms']:.1f}",
                               f"{p['floor_vs_official_floor']:.2f}", f"{p['naive_floor_ms']:.1f}",
-                              f"{p['vs_naive']:.2f}", f"{p['anyflow_no_grad_rows']:.0f} / "
-                              f"{p['official_no_grad_rows']:.0f}", _mib(p["anyflow_peak_mib"], p["official_peak_mib"])))
-        lines += [""] + [f"pretrain {label} phases, ms (measured/floor): anyflow {_phases(p['phases_ms'], p['phase_floors_ms'])}"
-                         f" · official {_phases(p['official_phases_ms'])}" for label, p in v["pretrain"].items()]
+                              f"{p['vs_naive']:.2f}",
+                              f"{p['anyflow_no_grad_rows']:.0f} / {p['official_no_grad_rows']:.0f}",
+                              _mib(p["anyflow_peak_mib"], p["official_peak_mib"])))
+        lines += [""] + [f"pretrain {label} phases, ms (measured/floor): anyflow "
+                         f"{_phases(p['phases_ms'], p['phase_floors_ms'])} · "
+                         f"official {_phases(p['official_phases_ms'])}" for label, p in v["pretrain"].items()]
         lines += ["", _row("on-policy iteration", "ms", "floor ms", "×floor", *[f"{x} (ms/floor)" for x in PHASES],
                            "peak MiB"), _row(*["---"] * (5 + len(PHASES)))]
         for kind, o in v["onpolicy"].items():
@@ -603,7 +606,8 @@ def table(results: dict) -> str:
                               *[f"{o['phases_ms'][x]:.1f}/{o['phase_floors_ms'][x]:.1f}" for x in PHASES],
                               _mib(o["peak_mib"])))
         nfes = list(v["rollout"])
-        lines += ["", _row("rollout, forward + backward", *[f"K = {k} (split {v['rollout'][k]['split']})" for k in nfes]),
+        splits = [f"K = {k} (split {v['rollout'][k]['split']})" for k in nfes]
+        lines += ["", _row("rollout, forward + backward", *splits),
                   _row(*["---"] * (1 + len(nfes)))]
         for key, label in (("backward_simulation_ms", "backward simulation (≤ 3 calls), ms"),
                            ("full_rollout_ms", "all K steps, gradient at the split, ms")):
