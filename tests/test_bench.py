@@ -19,7 +19,8 @@ def test_quick_bench_prints_the_table_and_writes_json(tmp_path, capsys):
     results = bench.run(compose_cfg("bench", ["quick=true", f"out_dir={tmp_path}"]))
     printed = capsys.readouterr().out
     print(printed)  # the figures, for the CI log
-    for heading in ("pretrain iteration", "on-policy iteration", "rollout, fwd + bwd", "sampling per clip", "targets:"):
+    for heading in ("| pretrain iteration |", "| on-policy iteration |", "| rollout, forward + backward |",
+                    "| sampling, ms per clip |", "| target |", "negative-prompt encodes per iteration: 0"):
         assert heading in printed
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["setup"]["quick"] and saved == json.loads(json.dumps(results))
