@@ -36,7 +36,7 @@ def shard_network(network: nn.Module, mesh, *, param_dtype: torch.dtype | None =
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     block_policy, root_policy = mixed_precision(param_dtype)
-    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     for block in network.blocks:
         fully_shard(block, mesh=mesh, mp_policy=block_policy, offload_policy=offload)
     fully_shard(network, mesh=mesh, mp_policy=root_policy, offload_policy=offload)
