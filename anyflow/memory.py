@@ -221,7 +221,8 @@ def variants(cfg: DictConfig) -> list[tuple[str, dict | None, bool, bool, bool]]
                                                                             False),
             ("LoRA, no checkpointing", paper, False, False, False)]
     if cfg.stage.name == "onpolicy":
-        out += [("LoRA + shared base, checkpointing", paper, True, True, False),
+        out += [("LoRA, checkpointing, rollout recomputed", paper, False, True, True),
+                ("LoRA + shared base, checkpointing", paper, True, True, False),
                 ("LoRA + shared base, checkpointing, rollout recomputed", paper, True, True, True)]
     return out
 
