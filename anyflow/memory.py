@@ -178,6 +178,9 @@ def tokens_of(cfg: DictConfig, config: dict) -> int:
     from anyflow.models.autoencoder import WanAutoencoder
 
     frames, height, width = cfg.data.num_frames, cfg.data.height, cfg.data.width
+    if None in (frames, height, width):
+        raise SystemExit("error: the plan needs the clip size; add data.num_frames=81 data.height=480 data.width=832 "
+                         "(the size the latent cache holds).")
     if cfg.model.name in WAN or config.get("in_channels") == 16:
         _, f, h, w = WanAutoencoder.latent_shape_for({"z_dim": 16}, frames, height, width)
     else:
