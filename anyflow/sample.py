@@ -14,7 +14,8 @@ from omegaconf import DictConfig, ListConfig
 
 from anyflow.config import config_dir, register_resolvers
 from anyflow.config import as_dtype
-from anyflow.export import check_export, newest_export, read_metadata
+from anyflow.export import check_export, newest_export, read_metadata, verify_export
+from anyflow.integrity import IntegrityError, nonfinite_parameters
 from anyflow.models import FlowMapWanTransformer3DModel
 from anyflow.models.pipeline import WAN_NEGATIVE_PROMPT, FolderError, check_pipeline_folder, folder_kind, scheduler_shift
 from anyflow.models.autoencoder import IdentityAutoencoder, WanAutoencoder
@@ -65,13 +66,21 @@ def load_export(path: str | Path, device: str | torch.device = "cpu", dtype: str
     released AnyFlow folder; ``sampler(prompts, nfe, noise=latents)`` samples it. ``dtype`` (e.g. bfloat16)
     sets the transformer's and text encoder's weights; one clear sentence on a missing or mismatched part."""
     path = check_export(path)
-    meta = folder_metadata(path)
+    try:
+        meta = folder_metadata(path)
+        verify_export(path)
+    except IntegrityError as error:
+        raise SampleError(str(error)) from None
     dtype = as_dtype(dtype)
     try:
         transformer = FlowMapWanTransformer3DModel.from_pretrained(path, torch_dtype=dtype)
     except (ValueError, RuntimeError, OSError) as error:
         raise SampleError(f"checkpoint {str(path)!r} does not match its model config ({_mismatch(error)}); "
                           "re-export it or point ckpt= to a matching export.") from None
+    bad = nonfinite_parameters(transformer)
+    if bad:
+        raise SampleError(f"checkpoint {str(path)!r} holds non-finite weights ({', '.join(bad)}); it would sample "
+                          "blank videos: point ckpt= to another export.")
     if not (path / "text_encoder").is_dir():
         raise SampleError(f"{str(path)!r} has no text_encoder/; sample from a full export written by train.py.")
     text_encoder = UMT5TextEncoder.from_pretrained(path, max_length=meta.get("max_length") or 32, torch_dtype=dtype)
@@ -97,7 +106,10 @@ def parse_nfe(value) -> int:
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
-    if cfg.get("prompt"):
+    if cfg.get("prompt") is not None:
+        if not str(cfg.prompt).strip():
+            raise SampleError(f"prompt={cfg.prompt!r} is empty; pass prompt=\"a red circle moving left\" (or drop "
+                              "prompt= to sample the prompts of conf/sample.yaml).")
         return [str(cfg.prompt)]
     prompts = cfg.get("prompts")
     if isinstance(prompts, (list, ListConfig)):
@@ -122,15 +134,18 @@ def resolve_ckpt(cfg: DictConfig) -> Path:
         found = newest_export(cfg.paths.output_dir, stage)
         if found is not None:
             return found
-    raise SampleError(f"no export found under {cfg.paths.output_dir}/; train one (python train.py stage=…) or "
-                      "pass ckpt=PATH.")
+    raise SampleError(f"no export found under {cfg.paths.output_dir}/ (debug=fast exports are not picked); train one "
+                      "(python train.py stage=…) or pass ckpt=PATH.")
 
 
 def run(cfg: DictConfig) -> dict:
     nfe = parse_nfe(cfg.nfe)
     prompts = read_prompts(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sampler = load_export(resolve_ckpt(cfg), device, cfg.get("dtype"))
+    ckpt = resolve_ckpt(cfg)
+    # Wan folders on a GPU sample in bf16 unless told otherwise (14B in fp32 would not leave room for the VAE)
+    dtype = cfg.get("dtype") or ("bfloat16" if device == "cuda" and (Path(ckpt) / "vae").is_dir() else None)
+    sampler = load_export(ckpt, device, dtype)
     size = {k: cfg.get(k) for k in ("num_frames", "height", "width")}
     try:
         shape = sampler.latent_shape(**size) if any(v is not None for v in size.values()) else None
@@ -158,5 +173,5 @@ register_resolvers()
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except (SampleError, FileNotFoundError) as error:
+    except (SampleError, FileNotFoundError, IntegrityError) as error:
         raise SystemExit(f"error: {error}") from None
