@@ -24,7 +24,7 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 from torch import Tensor
 
 from anyflow.config import config_dir, register_resolvers
@@ -232,9 +232,14 @@ def main(cfg: DictConfig) -> None:
     checkpoints = list(cfg.checkpoints) if cfg.checkpoints else default_checkpoints(cfg.paths.output_dir)
     if not checkpoints:
         raise SystemExit(f"error: no exports under {cfg.paths.output_dir}/; pass checkpoints=[PATH,…].")
-    nfes = [int(n) for n in cfg.nfe]
-    if any(n < 1 for n in nfes):
-        raise SystemExit(f"error: nfe={nfes} must hold positive integers, e.g. nfe=[1,4,16].")
+    for path in checkpoints:
+        if not Path(str(path)).is_dir():
+            raise SystemExit(f"error: checkpoints: {path} is not an export folder (missing, or a file); pass "
+                             "checkpoints=[PATH,…] with export folders written by train.py (…/export).")
+    nfe = list(cfg.nfe) if isinstance(cfg.nfe, (list, ListConfig)) else [cfg.nfe]
+    if not nfe or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in nfe):
+        raise SystemExit(f"error: nfe={nfe} must be a list of positive integers, e.g. nfe=[1,4,16].")
+    nfes = [int(n) for n in nfe]
     if cfg.num_prompts < 2:
         raise SystemExit(f"error: num_prompts={cfg.num_prompts} is too few for a Fréchet distance; use e.g. 720.")
     if cfg.get("threads"):

@@ -11,21 +11,27 @@ and, for Wan models, a whole pipeline folder in the released AnyFlow layout: als
 official class (see :mod:`anyflow.models.pipeline`). The frozen parts are hard-linked from ``model.path``.
 
 ``FlowMapWanTransformer3DModel.from_pretrained(export)`` loads it directly. Exports are written to a
-temporary sibling folder and moved into place, so a crash never leaves a half-written export.
+temporary sibling folder and swapped into place (:mod:`anyflow.atomic`), so a crash, a kill or a full disk never
+leaves a half-written export, and ``export/`` never goes missing. Weights with a NaN or an infinity are never
+exported; ``anyflow.json`` records a checksum per weight file, checked by :func:`verify_export` before loading.
+Exports of ``debug=fast`` runs say ``"debug": true`` and are left out of :func:`newest_export` (the default init,
+teacher and sample of later runs) unless asked for.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from huggingface_hub import save_torch_state_dict
 from torch import nn
 
+from anyflow.atomic import write_folder
+from anyflow.integrity import IntegrityError, file_checksum, nonfinite_names
+
 METADATA = "anyflow.json"
+CHECKSUMMED = ("transformer", "lora")  # the parts an export writes itself (vae / text encoder may be links)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -60,6 +66,11 @@ def write_export(folder: str | Path, transformer, state_dict: dict[str, torch.Te
     from anyflow.models.pipeline import link_part, release_transformer_config, write_model_index, write_scheduler
 
     folder = Path(folder)
+    bad = nonfinite_names(state_dict)
+    if bad:
+        raise IntegrityError(f"refusing to export {folder.name.split('.tmp-')[0].lstrip('.')}: the weights "
+                             f"{', '.join(bad)} hold NaN or infinite values (the previous export is kept); lower "
+                             "stage.optim.lr or check the settings.")
     save_transformer(transformer, folder / "transformer", state_dict, dtype)
     if source is not None:
         for part in ("vae", "text_encoder", "tokenizer"):
@@ -69,42 +80,66 @@ def write_export(folder: str | Path, transformer, state_dict: dict[str, torch.Te
         write_model_index(folder, source)
     elif hasattr(text_encoder, "save_pretrained"):
         text_encoder.save_pretrained(folder)
-    (folder / METADATA).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    write_metadata(folder, info)
+
+
+def write_metadata(folder: str | Path, info: dict) -> None:
+    """``anyflow.json`` (written last): ``info`` and a checksum of every weight file the export wrote itself."""
+    folder = Path(folder)
+    sums = {str(p.relative_to(folder)): file_checksum(p) for part in CHECKSUMMED if (folder / part).is_dir()
+            for p in sorted((folder / part).rglob("*.safetensors"))}
+    (folder / METADATA).write_text(json.dumps({**info, "checksums": sums}, indent=2, ensure_ascii=False) + "\n")
+
+
+def verify_export(folder: str | Path, parts: tuple[str, ...] = CHECKSUMMED) -> None:
+    """Every weight file under ``parts`` whose checksum ``anyflow.json`` records still has it (one sentence if not)."""
+    folder = Path(folder)
+    for name, expected in read_metadata(folder).get("checksums", {}).items():
+        if Path(name).parts[0] not in parts:
+            continue
+        path = folder / name
+        if not path.is_file():
+            raise IntegrityError(f"{path} is missing from the export; re-export it or pass another export.")
+        if file_checksum(path) != expected:
+            raise IntegrityError(f"{path} does not match the checksum in {folder / METADATA} (its bytes changed on "
+                                 "disk); re-export it or pass another export.")
 
 
 def atomic_folder_write(target: str | Path, write) -> Path:
-    """Call ``write(tmp_folder)`` then move the result to ``target`` (replacing an older one)."""
-    target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
+    """Call ``write(tmp_folder)``, then swap the result in as ``target`` (see :func:`anyflow.atomic.write_folder`)."""
+    return write_folder(target, write)
 
 
 def read_metadata(export: str | Path) -> dict:
     path = Path(export) / METADATA
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise IntegrityError(f"{path} is not valid JSON (cut off or corrupted); re-export it or pass another "
+                             "export.") from None
+    if not isinstance(meta, dict):
+        raise IntegrityError(f"{path} holds no JSON object; re-export it or pass another export.")
+    return meta
 
 
-def find_exports(outputs: str | Path, stage: str) -> list[Path]:
-    """Exports of ``stage`` under ``outputs/<stage>/<run>/export``, oldest first."""
+def find_exports(outputs: str | Path, stage: str, include_debug: bool = False) -> list[Path]:
+    """Exports of ``stage`` under ``outputs/<stage>/<run>/export``, oldest first; those of ``debug=fast`` runs
+    only with ``include_debug``."""
     root = Path(outputs) / stage
-    found = [p for p in root.glob("*/export") if (p / METADATA).is_file()]
+    found = []
+    for path in root.glob("*/export"):
+        try:
+            if (path / METADATA).is_file() and (include_debug or not read_metadata(path).get("debug")):
+                found.append(path)
+        except IntegrityError:
+            continue  # an unreadable anyflow.json is no candidate
     return sorted(found, key=lambda p: (p / METADATA).stat().st_mtime)
 
 
-def newest_export(outputs: str | Path, stage: str) -> Path | None:
-    found = find_exports(outputs, stage)
+def newest_export(outputs: str | Path, stage: str, include_debug: bool = False) -> Path | None:
+    found = find_exports(outputs, stage, include_debug)
     return found[-1] if found else None
 
 

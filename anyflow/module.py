@@ -32,6 +32,7 @@ from anyflow.config import as_dtype
 from anyflow.ema import EMA
 from anyflow.export import atomic_folder_write, full_state_dict, write_export
 from anyflow.fsdp import hybrid_mesh, shard_network
+from anyflow.integrity import nonfinite_names
 from anyflow.models.lora import merged_state, named_trainable, save_adapter
 from anyflow.models.meta import materialize
 from anyflow.networks import export_lora_metadata
@@ -274,7 +275,14 @@ class AnyFlowModule(L.LightningModule):
         self._log(logs, prog_bar=tuple(k for k in logs if k.endswith("_loss")))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["anyflow"] = {"nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run}
+        # never store non-finite weights (all ranks agree, so a sharded save stops on every rank alike)
+        bad = nonfinite_names(checkpoint.get("state_dict", {}))
+        if not self.trainer.strategy.reduce_boolean_decision(not bad, all=True):
+            raise NonFiniteError(f"stage={self.stage_name} refused to write a checkpoint at iteration {self.global_step}: "
+                                 f"{', '.join(bad) or 'weights on another rank'} hold NaN or infinite values (the "
+                                 "previous checkpoint is kept); lower stage.optim.lr or check the settings.")
+        checkpoint["anyflow"] = {"stage": self.stage_name, "nonfinite_total": self.nonfinite_total,
+                                 "nonfinite_run": self.nonfinite_run}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         counters = checkpoint.get("anyflow", {})

@@ -24,7 +24,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from anyflow.config import ConfigError
-from anyflow.export import newest_export
+from anyflow.export import newest_export, verify_export
+from anyflow.integrity import IntegrityError, load_error_gist, nonfinite_parameters
 from anyflow.models import FlowMapWanTransformer3DModel
 from anyflow.models.meta import empty_transformer
 from anyflow.models.lora import (AdapterRole, LoraSpec, add_adapter, is_adapter_key, load_adapter, official_state_dict,
@@ -45,6 +46,10 @@ def load_transformer(cfg: DictConfig, source: Path | None) -> FlowMapWanTransfor
     folder = source if source is not None else (Path(cfg.model.path) if cfg.model.get("path") else None)
     if cfg.model.get("meta_init") and folder is not None and folder.is_dir():
         kwargs = {k: cfg.model.transformer[k] for k in ("gate_value", "deltatime_type") if k in cfg.model.transformer}
+        try:
+            verify_export(folder)  # weights are read later, shard by shard; their checksums now
+        except IntegrityError as error:
+            raise ConfigError(str(error)) from None
         return empty_transformer(folder, **kwargs)
     if source is None:
         return instantiate(cfg.model.transformer, _convert_="all")
@@ -54,13 +59,32 @@ def load_transformer(cfg: DictConfig, source: Path | None) -> FlowMapWanTransfor
             state = official_state_dict(torch_load_weights(source))
             missing, unexpected = model.load_state_dict(state, strict=False)
         except Exception as error:  # unreadable pickle, no ema entry, wrong shapes: one sentence
-            raise ConfigError(f"{source} is not an official AnyFlow checkpoint for this model ({error}); pass an "
-                              "export folder or the .pt of the same model size.") from None
+            raise ConfigError(f"{source} is not an official AnyFlow checkpoint for this model "
+                              f"({load_error_gist(error)}); pass an export folder or the .pt of the same model "
+                              "size.") from None
         if unexpected or [k for k in missing if ".delta_embedder." not in k]:
             raise ConfigError(f"{source} does not fit the model (missing {missing[:2]}, unexpected {unexpected[:2]}); "
                               "pass the .pt of the same model size.")
-        return model
-    return FlowMapWanTransformer3DModel.from_pretrained(source)
+        return finite(model, source)
+    try:
+        verify_export(source)
+        model = FlowMapWanTransformer3DModel.from_pretrained(source)
+    except IntegrityError as error:
+        raise ConfigError(str(error)) from None
+    except (OSError, ValueError, RuntimeError, KeyError) as error:  # missing / cut-off / mismatched files
+        gist = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ConfigError(f"{source} cannot be loaded as a transformer ({gist}); pass an export written by train.py "
+                          "or a Diffusers folder.") from None
+    return finite(model, source)
+
+
+def finite(model, source: Path):
+    """``model`` unless a weight loaded from ``source`` holds a NaN or an infinity (one sentence then)."""
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise ConfigError(f"{source} holds non-finite weights ({', '.join(bad)}); it cannot be trained from: pass "
+                          "another export.")
+    return model
 
 
 def export_adapter(source: Path | None, name: str, cfg: DictConfig):
@@ -68,6 +92,10 @@ def export_adapter(source: Path | None, name: str, cfg: DictConfig):
     folder = source / "lora" / name if source is not None and source.is_dir() else None
     if folder is None or not (folder / "adapter_config.json").is_file():
         return None
+    try:
+        verify_export(source, parts=("lora",))
+    except IntegrityError as error:
+        raise ConfigError(str(error)) from None
     spec, state, base = load_adapter(folder)
     return (spec, state) if base is not None and base == base_identity(cfg) else None
 
@@ -104,7 +132,8 @@ def resolve_teacher(cfg: DictConfig) -> Path:
             raise ConfigError(f"teacher_from={cfg.teacher_from!r} does not exist; pass a teacher export, a "
                               "pretrain export, a Wan Diffusers folder or an official .pt checkpoint.")
         return path
-    found = newest_export(cfg.paths.output_dir, cfg.stage.teacher_stage)
+    debug = bool(cfg.get("callbacks") and cfg.callbacks.get("export") and cfg.callbacks.export.get("debug"))
+    found = newest_export(cfg.paths.output_dir, cfg.stage.teacher_stage, include_debug=debug)
     if found is None:
         raise ConfigError(f"stage=onpolicy needs a teacher, but there is no {cfg.stage.teacher_stage} export under "
                           f"{cfg.paths.output_dir}/{cfg.stage.teacher_stage}/; pass teacher_from=PATH.")

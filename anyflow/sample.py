@@ -68,7 +68,6 @@ def load_export(path: str | Path, device: str | torch.device = "cpu", dtype: str
     path = check_export(path)
     try:
         meta = folder_metadata(path)
-        verify_export(path)
     except IntegrityError as error:
         raise SampleError(str(error)) from None
     dtype = as_dtype(dtype)
@@ -77,6 +76,10 @@ def load_export(path: str | Path, device: str | torch.device = "cpu", dtype: str
     except (ValueError, RuntimeError, OSError) as error:
         raise SampleError(f"checkpoint {str(path)!r} does not match its model config ({_mismatch(error)}); "
                           "re-export it or point ckpt= to a matching export.") from None
+    try:
+        verify_export(path)  # bytes changed on disk load silently otherwise
+    except IntegrityError as error:
+        raise SampleError(str(error)) from None
     bad = nonfinite_parameters(transformer)
     if bad:
         raise SampleError(f"checkpoint {str(path)!r} holds non-finite weights ({', '.join(bad)}); it would sample "

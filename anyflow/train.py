@@ -7,24 +7,32 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
+import sys
 import warnings
 from pathlib import Path
 
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from anyflow.atomic import WriteError, clean_stale
+from anyflow.callbacks.preemption import Preempted
 from anyflow.config import ConfigError, config_dir, register_resolvers
 from anyflow.data import DataError, build_datamodule
 from anyflow.export import newest_export
+from anyflow.integrity import IntegrityError, inspect_checkpoint
 from anyflow.models.pipeline import FolderError, check_pipeline_folder
 from anyflow.models.text_encoder import UMT5TextEncoder
-from anyflow.module import AnyFlowModule
+from anyflow.module import AnyFlowModule, NonFiniteError
 from anyflow.networks import build_networks
+from anyflow.runs import CHECKPOINT, newest_run, register_run_resolver, requeued_checkpoint, wandb_run_id
+from anyflow.validate import STAGES, validate
 
 log = logging.getLogger("anyflow")
-STAGES = ("teacher", "pretrain", "onpolicy")
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -46,7 +54,7 @@ def resolve_init(cfg: DictConfig) -> Path | None:
     source = cfg.stage.get("init_stage")
     if source is None:
         return None
-    found = newest_export(cfg.paths.output_dir, source)
+    found = newest_export(cfg.paths.output_dir, source, include_debug=debug_run(cfg))
     if found is None:
         raise ConfigError(
             f"stage={cfg.stage.name} starts from a {source} export, but there is none under "
@@ -67,20 +75,41 @@ def check_model_folder(cfg: DictConfig) -> None:
         raise ConfigError(str(error)) from None
 
 
+def debug_run(cfg: DictConfig) -> bool:
+    """A ``debug=fast`` run: its exports are marked, and it may start from other debug runs' exports."""
+    return bool(OmegaConf.select(cfg, "callbacks.export.debug", default=False))
+
+
 def resolve_ckpt(cfg: DictConfig) -> str | None:
-    """``ckpt_path=last`` → the newest ``last.ckpt`` of this stage's runs."""
+    """The checkpoint to resume: ``ckpt_path=last`` → the newest run of this stage that has one (the run then
+    continues in that folder: ``paths.run_dir`` is set to it), a path, or a requeued SLURM job's own. Read without
+    its tensors first: an unreadable file or one of another stage fails in one sentence, before any network."""
     ckpt = cfg.get("ckpt_path")
-    if ckpt is None:
-        return None
     if ckpt == "last":
-        runs = sorted(Path(cfg.paths.output_dir, cfg.stage.name).glob("*/checkpoints/last.ckpt"),
-                      key=lambda p: p.stat().st_mtime)
-        if not runs:
+        run = newest_run(cfg.paths.output_dir, cfg.stage.name)
+        if run is None:
             raise ConfigError(f"ckpt_path=last found no checkpoints/last.ckpt under "
                               f"{cfg.paths.output_dir}/{cfg.stage.name}/; start a run first or pass a .ckpt path.")
-        return str(runs[-1])
-    if not Path(ckpt).exists():
+        if Path(run_dir(cfg)).resolve() != run.resolve():
+            with open_dict(cfg):
+                cfg.paths.run_dir = str(run)
+        ckpt = run / CHECKPOINT
+    elif ckpt is None:
+        ckpt = requeued_checkpoint(run_dir(cfg))
+        if ckpt is None:
+            return None
+    elif not Path(ckpt).exists():
         raise ConfigError(f"ckpt_path={ckpt!r} does not exist; pass a Lightning .ckpt (or ckpt_path=last).")
+    try:
+        info = inspect_checkpoint(ckpt)
+    except IntegrityError as error:
+        raise ConfigError(f"ckpt_path={ckpt}: {error}") from None
+    if info["stage"] is not None and info["stage"] != cfg.stage.name:
+        raise ConfigError(f"ckpt_path={ckpt} is a checkpoint of stage={info['stage']}, not stage={cfg.stage.name}; "
+                          f"resume it with stage={info['stage']}, or start stage={cfg.stage.name} from an export "
+                          "(init_from=PATH).")
+    if rank_zero_only.rank == 0:
+        print(f"[anyflow] resuming {Path(ckpt).parent.parent} from iteration {info['step']} ({ckpt})", flush=True)
     return str(ckpt)
 
 
@@ -132,12 +161,18 @@ def build_module(cfg: DictConfig) -> AnyFlowModule:
         fsdp_hybrid=bool(cfg.model.get("fsdp_hybrid")),
         export_dtype=cfg.model.get("export_dtype"),
         export_source=cfg.model.get("path"),
+        max_nonfinite_steps=cfg.get("max_nonfinite_steps", 5),
     )
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c]
-    logger = instantiate(cfg.logger, _convert_="all") if cfg.get("logger") else False
+    logger = False
+    if cfg.get("logger"):
+        wandb = str(cfg.logger.get("_target_", "")).endswith("WandbLogger")
+        # one wandb run per run folder: a resumed run continues it (same id, resume="allow")
+        extra = {"id": wandb_run_id(run_dir(cfg)), "resume": "allow"} if wandb else {}
+        logger = instantiate(cfg.logger, **extra, _convert_="all")
     return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, _convert_="all")
 
 
@@ -159,24 +194,64 @@ def _state_dict_gist(error: Exception) -> str:
     return type(error).__name__
 
 
+def parameter_counts(module: AnyFlowModule) -> dict[str, tuple[int, int]]:
+    """``{network: (parameters, trainable)}`` of every network the module holds (a shared base once)."""
+    counts = {}
+    for name in ("shared_base", "student", "teacher", "fake_score", "discriminator", "text_encoder", "autoencoder"):
+        network = getattr(module, name, None)
+        if network is None:
+            continue
+        total = sum(p.numel() for p in network.parameters()) if name == "shared_base" or module.shared_base is None \
+            else None  # a LoRA role shares the base's parameters: its trainable adapter only
+        trainable = sum(p.numel() for p in AnyFlowModule.trainable(network)) if hasattr(network, "parameters") else 0
+        counts[name] = (total, trainable)
+    return counts
+
+
+def print_dry_run(cfg: DictConfig, module: AnyFlowModule) -> None:
+    print(OmegaConf.to_yaml(cfg, resolve=True))
+    print("[anyflow] dry run: every network is built; nothing is trained")
+    for name, (total, trainable) in parameter_counts(module).items():
+        shown = "shared" if total is None else f"{total:,}"
+        print(f"[anyflow] {name:13s} parameters {shown:>15s}   trainable {trainable:,}")
+
+
+def clean_killed_writers(cfg: DictConfig) -> None:
+    """Temporary checkpoint / export siblings that killed runs of this stage left (this host's dead processes)."""
+    root = Path(cfg.paths.output_dir, cfg.stage.name)
+    for run in (p for p in root.glob("*") if p.is_dir()) if root.is_dir() else ():
+        for target in (run / CHECKPOINT, run / "export"):
+            clean_stale(target)
+
+
 def train(cfg: DictConfig) -> dict:
-    """Train one stage; returns the paths it wrote (``run_dir``, ``checkpoint``, ``export``, ``videos``)."""
+    """Train one stage; returns the paths it wrote (``run_dir``, ``checkpoint``, ``export``, ``videos``).
+
+    Raises :class:`Preempted` after saving ``last.ckpt`` when a SIGTERM / SIGUSR1 stopped the run."""
+    validate(cfg)  # every value, before anything is built
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     check_model_folder(cfg)
     ckpt = resolve_ckpt(cfg)
+    clean_killed_writers(cfg)
     # first: a dataset with no usable clip fails before any model loads
     data = build_datamodule(cfg.data, cfg.seed, cfg.stage.get("accumulate_grad_batches", 1))
     module = build_module(cfg)
     trainer = build_trainer(cfg)
+    out = run_dir(cfg)
+    if cfg.get("dry_run"):
+        print_dry_run(cfg, module)
+        return {"run_dir": out}
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    except SIGTERMException:  # Lightning stopped on a SIGTERM that came after the iteration's check
+        checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", None) or None
+        raise Preempted(signal.SIGTERM, trainer.global_step, checkpoint) from None
     except RuntimeError as error:
         if ckpt is None or "loading state_dict" not in str(error):
             raise
         raise ConfigError(f"ckpt_path={ckpt} does not match this run's networks ({_state_dict_gist(error)}); "
                           "resume with the stage and model overrides of the run that wrote it.") from None
 
-    out = run_dir(cfg)
     paths = {"run_dir": out, "checkpoint": out / "checkpoints" / "last.ckpt", "export": out / "export",
              "videos": out / "videos"}
     if trainer.is_global_zero:
@@ -191,13 +266,17 @@ def train(cfg: DictConfig) -> dict:
 
 
 register_resolvers()
+register_run_resolver()
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except (ConfigError, DataError) as error:
+    except Preempted as stop:
+        print(f"[anyflow] {stop}", file=sys.stderr, flush=True)
+        raise SystemExit(stop.exit_code) from None
+    except (ConfigError, DataError, NonFiniteError, IntegrityError, WriteError) as error:
         raise SystemExit(f"error: {error}") from None
 
 

@@ -1,0 +1,105 @@
+"""Pre-emption: ``SIGTERM`` or ``SIGUSR1`` saves ``last.ckpt`` at the end of the current iteration and stops the run
+with a non-zero exit (``128 + signal``: 143 for SIGTERM, 138 for SIGUSR1).
+
+Lightning notes a SIGTERM (``trainer.received_sigterm``); this callback adds SIGUSR1 (the signal SLURM sends ahead
+of a time limit with ``#SBATCH --signal=USR1@120``). After the iteration in progress, all ranks agree on the signal,
+save through the checkpoint callback (:meth:`anyflow.callbacks.checkpoint.Checkpoint.save_now`) and raise
+:class:`Preempted`, which ``train.py`` turns into the exit status. Under SLURM a SIGUSR1 also requeues the job
+(``scontrol requeue``); the requeued job finds its run folder (``<stage>/slurm-<job id>``) and continues it.
+Registering SIGUSR1 here, before Lightning does, also keeps Lightning's own SLURM handler (which saves from inside
+the signal handler, mid-iteration) out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger("anyflow")
+
+
+class Preempted(Exception):
+    """The run stopped on a signal after saving ``last.ckpt``; ``exit_code`` is ``128 + signal``."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str | None, requeued: bool = False):
+        self.signum, self.step, self.checkpoint, self.requeued = int(signum), int(step), checkpoint, requeued
+        name = signal.Signals(self.signum).name
+        saved = f"saved {checkpoint}" if checkpoint else "saved no checkpoint (none is configured)"
+        then = "the job is requeued and continues there" if requeued else "resume with ckpt_path=last"
+        super().__init__(f"stopped by {name} after iteration {step}: {saved}; {then}.")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def slurm_job_id() -> str | None:
+    """The SLURM job id (``<array job>_<task>`` for an array task) of a batch job, else ``None``."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+class Preemption(L.Callback):
+    """Checkpoint and stop on SIGTERM / SIGUSR1 (see the module docstring); ``requeue``: SIGUSR1 under SLURM
+    requeues the job."""
+
+    def __init__(self, requeue: bool = True):
+        self.requeue = bool(requeue)
+        self.usr1 = False
+        self._previous = None
+
+    def _on_usr1(self, signum, frame) -> None:
+        self.usr1 = True
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGUSR1, self._on_usr1)
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGUSR1, self._previous)
+            self._previous = None
+
+    def _signal(self, trainer: L.Trainer) -> int:
+        """The signal any rank received (SIGUSR1 first), alike on all ranks; 0 for none."""
+        mine = signal.SIGUSR1 if self.usr1 else signal.SIGTERM if trainer.received_sigterm else 0
+        if trainer.world_size > 1:
+            value = torch.tensor(int(mine), device=trainer.strategy.root_device)
+            return int(trainer.strategy.reduce(value, reduce_op="max"))
+        return int(mine)
+
+    def _stop(self, trainer: L.Trainer, signum: int) -> Preempted:
+        checkpoint = trainer.checkpoint_callback
+        path = checkpoint.save_now(trainer) if hasattr(checkpoint, "save_now") else None
+        requeued = False
+        job = slurm_job_id()
+        if signum == signal.SIGUSR1 and self.requeue and job and trainer.is_global_zero:
+            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            requeued = result.returncode == 0
+            if not requeued:
+                log.warning("scontrol requeue %s failed: %s", job, (result.stderr or result.stdout).strip())
+        return Preempted(signum, trainer.global_step, path, requeued)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        signum = self._signal(trainer)
+        if signum:
+            raise self._stop(trainer, signum)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Lightning raises SIGTERMException itself when the signal lands after this iteration's check: the
+        # iteration is complete, so save it here
+        if isinstance(exception, SIGTERMException) and trainer.checkpoint_callback is not None:
+            save = getattr(trainer.checkpoint_callback, "save_now", None)
+            if save is not None:
+                save(trainer)
+
+
+__all__ = ["Preempted", "Preemption", "slurm_job_id"]
