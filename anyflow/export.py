@@ -68,9 +68,8 @@ def write_export(folder: str | Path, transformer, state_dict: dict[str, torch.Te
     folder = Path(folder)
     bad = nonfinite_names(state_dict)
     if bad:
-        raise IntegrityError(f"refusing to export {folder.name.split('.tmp-')[0].lstrip('.')}: the weights "
-                             f"{', '.join(bad)} hold NaN or infinite values (the previous export is kept); lower "
-                             "stage.optim.lr or check the settings.")
+        raise IntegrityError(f"refusing to write an export whose weights {', '.join(bad)} hold NaN or infinite "
+                             "values (the previous export is kept); lower stage.optim.lr or check the settings.")
     save_transformer(transformer, folder / "transformer", state_dict, dtype)
     if source is not None:
         for part in ("vae", "text_encoder", "tokenizer"):

@@ -87,6 +87,8 @@ def load_error_gist(error: BaseException) -> str:
     """Why ``torch.load`` failed, in a few words (never the advice to unpickle code)."""
     text = str(error)
     if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in text:
+        if "Unsupported operand" in text or "invalid load key" in text:
+            return "it is not a PyTorch checkpoint or it is cut off"
         return "it holds pickled objects other than tensors, and loading never runs code"
     if isinstance(error, (pickle.UnpicklingError, EOFError, zipfile.BadZipFile)) or "invalid load key" in text:
         return "it is not a PyTorch checkpoint or it is cut off"

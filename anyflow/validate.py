@@ -112,7 +112,7 @@ def onpolicy(cfg: DictConfig) -> None:
     for key in ("stage.dmd", "stage.critic"):
         time_range(cfg, key)
     number(cfg, "stage.dmd.weight", 0, math.inf, 1.0, high_open=True)
-    number(cfg, "stage.dmd.real_guidance_scale", 0, math.inf, 3.0, low_open=True, high_open=True)
+    number(cfg, "stage.dmd.real_guidance_scale", 0, math.inf, 3.0, high_open=True)  # cond + s·(cond − uncond)
     for key in ("stage.gan_weight", "stage.cotrain_weight"):
         number(cfg, key, 0, math.inf, 1.0, high_open=True)
     optimizer(cfg, "stage.critic_optim", required=False)
