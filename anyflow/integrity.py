@@ -1,7 +1,8 @@
 """Trust in stored weights: checksums, non-finite checks and a cheap look into a checkpoint before a run starts.
 
 - **Checksums** (xxHash3, 128 bit, ~5 GB/s). A Lightning checkpoint file carries one over all its tensors
-  (``checkpoint["anyflow"]["checksum"]``, written and checked by :class:`anyflow.callbacks.checkpoint.AtomicCheckpointIO`);
+  (``checkpoint["anyflow"]["checksum"]``, written and checked by
+  :class:`anyflow.callbacks.checkpoint.AtomicCheckpointIO`);
   an export's ``anyflow.json`` carries one per weight file (``checksums``), checked before it is loaded. Bytes
   changed on disk, which load silently otherwise, then fail with one sentence.
 - **Non-finite weights** (NaN, ±inf) are never written to a checkpoint or an export, and a network that holds any

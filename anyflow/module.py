@@ -278,9 +278,10 @@ class AnyFlowModule(L.LightningModule):
         # never store non-finite weights (all ranks agree, so a sharded save stops on every rank alike)
         bad = nonfinite_names(checkpoint.get("state_dict", {}))
         if not self.trainer.strategy.reduce_boolean_decision(not bad, all=True):
-            raise NonFiniteError(f"stage={self.stage_name} refused to write a checkpoint at iteration {self.global_step}: "
-                                 f"{', '.join(bad) or 'weights on another rank'} hold NaN or infinite values (the "
-                                 "previous checkpoint is kept); lower stage.optim.lr or check the settings.")
+            raise NonFiniteError(f"stage={self.stage_name} refused to write a checkpoint at iteration "
+                                 f"{self.global_step}: {', '.join(bad) or 'weights on another rank'} hold NaN or "
+                                 "infinite values (the previous checkpoint is kept); lower stage.optim.lr or check the "
+                                 "settings.")
         checkpoint["anyflow"] = {"stage": self.stage_name, "nonfinite_total": self.nonfinite_total,
                                  "nonfinite_run": self.nonfinite_run}
 

@@ -74,8 +74,8 @@ def optimizer(cfg: DictConfig, key: str, required: bool = True) -> None:
         ok = isinstance(betas, (list, ListConfig)) and len(betas) == 2 and all(
             (b := _number(x)) is not None and 0 <= b < 1 for x in betas)
         if not ok:
-            raise ConfigError(f"{key}.betas={OmegaConf.to_container(betas) if isinstance(betas, ListConfig) else betas!r}"
-                              f" must be two numbers in [0, 1), e.g. {key}.betas=[0.9,0.999].")
+            shown = OmegaConf.to_container(betas) if isinstance(betas, ListConfig) else betas
+            raise ConfigError(f"{key}.betas={shown!r} must be two numbers in [0, 1), e.g. {key}.betas=[0.9,0.999].")
 
 
 def objective(cfg: DictConfig) -> None:
