@@ -274,7 +274,8 @@ def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
     except Preempted as stop:
-        print(f"[anyflow] {stop}", file=sys.stderr, flush=True)
+        if rank_zero_only.rank == 0:
+            print(f"[anyflow] {stop}", file=sys.stderr, flush=True)
         raise SystemExit(stop.exit_code) from None
     except (ConfigError, DataError, NonFiniteError, IntegrityError, WriteError) as error:
         raise SystemExit(f"error: {error}") from None

@@ -189,13 +189,17 @@ def test_kill_during_checkpoint_save_keeps_the_previous_checkpoint(tmp_path):
 
 
 def test_kill_during_export_keeps_the_previous_export_and_leaves_nothing_after_cleanup(tmp_path):
-    export = tmp_path / "run" / "export"
+    from anyflow.train import clean_killed_writers
+
+    run = tmp_path / "outputs" / "teacher" / "run"
+    export = run / "export"
     atomic_folder_write(export, lambda f: (f / "anyflow.json").write_text('{"step": 1}'))
     pid = _kill_while(SLOW_EXPORT, export, tmp_path)
     assert read_metadata(export) == {"step": 1}
-    assert [p.name for p in _leftovers(tmp_path / "run")] == [f".export.tmp-{atomic._HOST}-{pid}"]
-    assert clean_stale(export) and not _leftovers(tmp_path / "run")
-    assert read_metadata(export) == {"step": 1}
+    assert [p.name for p in _leftovers(run)] == [f".export.tmp-{atomic._HOST}-{pid}"]
+    # any later run of the stage (here: the start of one) removes what the dead writer left
+    clean_killed_writers(compose_cfg("train", fast_overrides(tmp_path, "teacher"), run_dir=tmp_path / "other"))
+    assert not _leftovers(run) and read_metadata(export) == {"step": 1}
 
 
 def test_killed_between_the_two_renames_of_the_fallback_swap_is_repaired(tmp_path):
@@ -359,3 +363,26 @@ def test_preempted_run_resumes_bit_identical_to_an_uninterrupted_one(tmp_path, s
     assert resumed["run_dir"].name == "stopped"
     a, b = (torch.load(p, weights_only=True)["state_dict"] for p in (full["checkpoint"], resumed["checkpoint"]))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fsdp_sigterm_writes_the_checkpoint_folder_by_swapping_it_in(tmp_path):
+    from anyflow.config import ConfigError
+    from anyflow.integrity import inspect_checkpoint
+
+    args = _cli_args(tmp_path, "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
+                     "trainer.max_steps=100000")
+    out = tmp_path / "outputs"
+    proc = _start(tmp_path, *args)
+    _wait_for("teacher/*/checkpoints/last.ckpt/meta.pt", out, proc, timeout=300)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr[-3000:]
+    stopped = re.findall(r"stopped by SIGTERM after iteration (\d+): saved (\S+); resume", stderr)
+    assert len(stopped) == 1, stderr[-3000:]  # said once, by rank 0
+    step, ckpt = int(stopped[0][0]), Path(stopped[0][1])
+    assert ckpt.is_dir() and inspect_checkpoint(ckpt) == {"step": step, "stage": "teacher"}
+    assert not _leftovers(out) and not _files(tmp_path / "tmpdir")
+    cfg = compose_cfg("train", fast_overrides(tmp_path, "pretrain", "init_from=base", f"ckpt_path={ckpt}"),
+                      run_dir=tmp_path / "p")
+    with pytest.raises(ConfigError, match="is a checkpoint of stage=teacher, not stage=pretrain"):
+        train(cfg)
