@@ -32,6 +32,11 @@ class EMA(nn.Module):
         for n, p in trainable:
             self.register_buffer(_key(n), p.detach().float().clone())
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self._updates: int | None = None  # read from num_updates once (after a checkpoint is loaded)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._updates = None  # re-read the restored counter
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def _pairs(self, model: nn.Module):
         if hasattr(model, "reshard"):  # FSDP2 keeps a root module's parameters unsharded after forward
@@ -42,7 +47,10 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, model: nn.Module) -> float:
         """One EMA step; returns the decay used."""
-        decay = 0.0 if int(self.num_updates) < self.warmup_steps else self.decay
+        if self._updates is None:  # a host copy of the counter: no device sync per update
+            self._updates = int(self.num_updates)
+        decay = 0.0 if self._updates < self.warmup_steps else self.decay
+        self._updates += 1
         shadows, params = zip(*self._pairs(model))
         torch._foreach_lerp_(list(shadows), [p.detach().float() for p in params], 1.0 - decay)
         self.num_updates += 1

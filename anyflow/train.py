@@ -161,6 +161,7 @@ def build_module(cfg: DictConfig) -> AnyFlowModule:
         fsdp_hybrid=bool(cfg.model.get("fsdp_hybrid")),
         export_dtype=cfg.model.get("export_dtype"),
         export_source=cfg.model.get("path"),
+        compile=bool(cfg.model.get("compile", False)),
         max_nonfinite_steps=cfg.get("max_nonfinite_steps", 5),
     )
 
