@@ -135,10 +135,11 @@ def validate(cfg: DictConfig) -> None:
     """Every check above; the first problem raises :class:`ConfigError`."""
     choice(cfg, "stage.name", STAGES)
     choice(cfg, "stage.sampling_mode", SAMPLING_MODES)
-    for key, example in (("data.batch_size", 16), ("data.num_frames", 8), ("data.height", 16), ("data.width", 16),
-                         ("trainer.max_steps", 2000), ("stage.accumulate_grad_batches", 1),
+    for key, example in (("data.batch_size", 16), ("trainer.max_steps", 2000), ("stage.accumulate_grad_batches", 1),
                          ("max_nonfinite_steps", 5)):
         integer(cfg, key, 1, example)
+    for key, example in (("data.num_frames", 8), ("data.height", 16), ("data.width", 16)):
+        integer(cfg, key, 1, example, optional=True)  # null: as written in a latent cache
     integer(cfg, "data.num_workers", 0, 0)
     integer(cfg, "seed", 0, 0)
     for name in ("checkpoint.every_n_train_steps", "export.every_n_steps", "samples.every_n_steps"):

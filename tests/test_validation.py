@@ -28,6 +28,7 @@ CASES = [
     ("teacher", ["data.batch_size=abc"], "data.batch_size='abc' must be an integer of at least 1, e.g. "
                                          "data.batch_size=16."),
     ("teacher", ["data.batch_size=-1"], "data.batch_size=-1 must be an integer of at least 1"),
+    ("teacher", ["data.num_frames=0"], "data.num_frames=0 must be an integer of at least 1"),
     ("teacher", ["trainer.max_steps=0"], "trainer.max_steps=0 must be an integer of at least 1"),
     ("teacher", ["callbacks.checkpoint.every_n_train_steps=-5"],
      "callbacks.checkpoint.every_n_train_steps=-5 must be an integer of at least 0"),
