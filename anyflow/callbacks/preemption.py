@@ -1,13 +1,13 @@
 """Pre-emption: ``SIGTERM`` or ``SIGUSR1`` saves ``last.ckpt`` at the end of the current iteration and stops the run
 with a non-zero exit (``128 + signal``: 143 for SIGTERM, 138 for SIGUSR1).
 
-Lightning notes a SIGTERM (``trainer.received_sigterm``); this callback adds SIGUSR1 (the signal SLURM sends ahead
-of a time limit with ``#SBATCH --signal=USR1@120``). After the iteration in progress, all ranks agree on the signal,
-save through the checkpoint callback (:meth:`anyflow.callbacks.checkpoint.Checkpoint.save_now`) and raise
+From the start of training (``on_train_start``) this callback's handlers only note SIGTERM and SIGUSR1 (the signal SLURM sends ahead
+of a time limit with ``#SBATCH --signal=USR1@120``); they replace Lightning's, whose SIGTERM handler broadcasts
+from inside the handler (a collective that can interleave with a step's own and break a multi-process run) and
+whose SLURM handler saves mid-iteration. After the iteration in progress, all ranks agree on the signal, save
+through the checkpoint callback (:meth:`anyflow.callbacks.checkpoint.Checkpoint.save_now`) and raise
 :class:`Preempted`, which ``train.py`` turns into the exit status. Under SLURM a SIGUSR1 also requeues the job
 (``scontrol requeue``); the requeued job finds its run folder (``<stage>/slurm-<job id>``) and continues it.
-Registering SIGUSR1 here, before Lightning does, also keeps Lightning's own SLURM handler (which saves from inside
-the signal handler, mid-iteration) out.
 """
 
 from __future__ import annotations
@@ -53,24 +53,29 @@ class Preemption(L.Callback):
 
     def __init__(self, requeue: bool = True):
         self.requeue = bool(requeue)
-        self.usr1 = False
-        self._previous = None
+        self.received = 0  # the signal this process received (SIGUSR1 wins over SIGTERM)
+        self._previous: dict = {}
 
-    def _on_usr1(self, signum, frame) -> None:
-        self.usr1 = True
+    def _on_signal(self, signum, frame) -> None:
+        # only a flag: a collective inside a signal handler (Lightning's SIGTERM handler broadcasts) can interleave
+        # with the training step's own collectives and break a distributed run
+        if self.received != signal.SIGUSR1:
+            self.received = int(signum)
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGUSR1, self._on_usr1)
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after Lightning has registered its own handlers (it does so after on_fit_start), so these replace them
+        if threading.current_thread() is threading.main_thread():
+            signals = [signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+            self._previous = {signum: signal.signal(signum, self._on_signal) for signum in signals}
 
     def teardown(self, trainer, pl_module, stage) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGUSR1, self._previous)
-            self._previous = None
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
     def _signal(self, trainer: L.Trainer) -> int:
         """The signal any rank received (SIGUSR1 first), alike on all ranks; 0 for none."""
-        mine = signal.SIGUSR1 if self.usr1 else signal.SIGTERM if trainer.received_sigterm else 0
+        mine = self.received or (signal.SIGTERM if trainer.received_sigterm else 0)
         if trainer.world_size > 1:
             value = torch.tensor(int(mine), device=trainer.strategy.root_device)
             return int(trainer.strategy.reduce(value, reduce_op="max"))
