@@ -197,8 +197,11 @@ def write_results(rows: list[dict], out_dir: str | Path, note: str = "") -> dict
         axes[2].fill_between(nfe, [r["fd_low"] for r in mine], [r["fd_high"] for r in mine],
                              color=line.get_color(), alpha=0.2, lw=0)
     titles = ("colour accuracy ↑", "direction accuracy ↑", "feature Fréchet distance ↓ (95 % interval)")
+    ticks = sorted({r["nfe"] for r in rows if r["nfe"] is not None})
     for ax, title in zip(axes, titles):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("NFE")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, which="both")
