@@ -51,8 +51,8 @@ from torch import nn
 
 from anyflow.config import config_dir, register_resolvers
 from anyflow.ema import EMA
-from anyflow.flow import (add_noise, dist_rank_world, flow_map_step, mean_flow_target, schedule, shift as time_shift,
-                          split_counts, time_weight, velocity)
+from anyflow.flow import (add_noise, dist_rank_world, flow_map_step, mean_flow_target, sample_t_r, schedule,
+                          time_weight, velocity)
 from anyflow.module import AnyFlowModule
 from anyflow.objectives.common import drop_text, per_sample_mse, randn_like
 from anyflow.sampling import backward_simulation, call_model, sample
@@ -76,14 +76,10 @@ def official_flowmap_loss(model, x0, prompt_embeds, *, negative_embeds=None, gen
     """
     batch = x0.shape[0]
     rank, world_size = dist_rank_world(rank, world_size)
-    n = batch * world_size
-    n_diff, n_cons = split_counts(n, diffusion_ratio, consistency_ratio)
-    ab = torch.rand(2, n, generator=time_generator, dtype=torch.float64)
-    t, r = ab.max(0).values, ab.min(0).values
-    r[:n_diff] = t[:n_diff]
-    r[n_diff : n_diff + n_cons] = 0.0
+    t, r = sample_t_r(batch * world_size, diffusion_ratio=diffusion_ratio, consistency_ratio=consistency_ratio,
+                      s=shift, generator=time_generator)  # the global draw; the official code slices it per rank
     mine = slice(rank * batch, (rank + 1) * batch)
-    t, r = (time_shift(s, shift)[mine].float().to(x0.device) for s in (t, r))
+    t, r = t[mine].to(x0.device), r[mine].to(x0.device)
     noise = randn_like(x0, generator) if noise is None else noise
     embeds, _ = drop_text(prompt_embeds, negative_embeds, drop_text_ratio, generator)
     x_t, v = add_noise(x0, noise, t), velocity(x0, noise)
