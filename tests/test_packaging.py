@@ -1,0 +1,20 @@
+"""The wheel a user installs (`pip install .`, not editable) carries every module and every config."""
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_wheel_holds_every_module_and_config(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+                             "-q", "-w", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = tmp_path.glob("anyflow-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "anyflow").rglob("*.py") if "__pycache__" not in p.parts}
+    configs = {"anyflow/" + p.relative_to(ROOT).as_posix() for p in (ROOT / "conf").rglob("*.yaml")}
+    assert len(modules) > 40 and len(configs) > 30
+    assert not modules - names, f"modules missing from the wheel: {sorted(modules - names)}"
+    assert not configs - names, f"configs missing from the wheel: {sorted(configs - names)}"
