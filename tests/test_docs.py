@@ -42,14 +42,21 @@ def markdown_files() -> list[Path]:
     return [p for p in repository_files() if p.suffix == ".md" and p.is_relative_to(ROOT)]
 
 
-def local_links(markdown: Path) -> list[str]:
-    """Relative link targets of a Markdown file (no URLs, no in-page anchors), without their ``#anchor``."""
+def local_links(markdown: Path, anchors: bool = False) -> list[str]:
+    """Relative link targets of a Markdown file (no URLs, no in-page anchors), without their ``#anchor`` unless
+    ``anchors``."""
     targets = []
     for target in LINK.findall(markdown.read_text()):
         if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
             continue
-        targets.append(target.split("#", 1)[0])
+        targets.append(target if anchors else target.split("#", 1)[0])
     return targets
+
+
+def heading_anchors(markdown: Path) -> set[str]:
+    """The anchors GitHub gives the headings: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"^```.*?^```", "", markdown.read_text(), flags=re.M | re.S)  # no "# comments" in code blocks
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+\s+(.*)$", text, re.M)}
 
 
 def test_no_file_points_outside_the_repository():
@@ -69,6 +76,21 @@ def test_markdown_links_resolve():
     broken = [f"{md.relative_to(ROOT)}: {target}" for md in markdown_files() for target in local_links(md)
               if not (md.parent / target).exists()]
     assert not broken, "broken relative links:\n" + "\n".join(broken)
+
+
+def test_markdown_anchors_name_a_heading():
+    broken = []
+    for md in markdown_files():
+        for target in local_links(md, anchors=True):
+            path, _, anchor = target.partition("#")
+            if anchor and path.endswith(".md") and anchor not in heading_anchors(md.parent / path):
+                broken.append(f"{md.relative_to(ROOT)}: {target}")
+    assert not broken, "links to headings that do not exist:\n" + "\n".join(broken)
+
+
+def test_heading_anchors_follow_github():
+    assert {"evaluation-python--m-anyflowevaluate", "on-policy-settings-on-the-toy"} <= heading_anchors(
+        ROOT / "docs" / "toy.md")
 
 
 def test_readme_and_index_link_every_docs_page():
