@@ -21,7 +21,6 @@ from conftest import ROOT, compose_cfg, fast_overrides, run_cli
 import anyflow.atomic as atomic
 import anyflow.runs as runs
 from anyflow.atomic import WriteError, clean_stale, write_file, write_folder
-from anyflow.callbacks.checkpoint import AtomicCheckpointIO
 from anyflow.export import atomic_folder_write, read_metadata
 from anyflow.train import train
 
@@ -38,7 +37,7 @@ def _env(tmp: Path, **extra) -> dict:
 
 
 def _cli_args(tmp: Path, *extra: str) -> list[str]:
-    return [a for a in fast_overrides(tmp, "teacher", *FAST, *extra)]
+    return fast_overrides(tmp, "teacher", *FAST, *extra)
 
 
 def _start(tmp: Path, *args: str, **env) -> subprocess.Popen:
@@ -57,6 +56,17 @@ def _wait_for(pattern: str, root: Path, proc: subprocess.Popen, timeout: float =
         time.sleep(0.2)
     proc.kill()
     raise AssertionError(f"no {pattern} after {timeout} s")
+
+
+def _signal_once_saved(proc: subprocess.Popen, pattern: str, root: Path, signum: int, returncode: int,
+                       timeout: float = 180) -> str:
+    """Wait for the first checkpoint (``pattern`` under ``root``), send ``signum``, check the exit code and return
+    the run's stderr."""
+    _wait_for(pattern, root, proc, timeout)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=timeout)
+    assert proc.returncode == returncode, stderr[-3000:]
+    return stderr
 
 
 def _step(path: Path) -> int:
@@ -81,11 +91,7 @@ def _dead_pid() -> int:
 def test_sigterm_saves_the_iteration_exits_143_and_resumes_same_folder_and_wandb_run(tmp_path):
     out = tmp_path / "outputs"
     args = _cli_args(tmp_path, "trainer.max_steps=100000", "logger=wandb")
-    proc = _start(tmp_path, *args)
-    _wait_for("teacher/*/checkpoints/last.ckpt", out, proc)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=180)
-    assert proc.returncode == 143, stderr[-3000:]
+    stderr = _signal_once_saved(_start(tmp_path, *args), "teacher/*/checkpoints/last.ckpt", out, signal.SIGTERM, 143)
     stopped = re.search(r"stopped by SIGTERM after iteration (\d+): saved (\S+); resume with ckpt_path=last\.", stderr)
     assert stopped, stderr[-3000:]
     step, ckpt = int(stopped[1]), Path(stopped[2])
@@ -115,10 +121,7 @@ def test_sigusr1_under_slurm_saves_requeues_and_the_requeued_job_continues(tmp_p
                  SLURM_LOCALID="0", SLURM_NODEID="0", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     out = tmp_path / "outputs"
     proc = _start(tmp_path, *_cli_args(tmp_path, "trainer.max_steps=100000"), **slurm)
-    _wait_for("teacher/slurm-4242/checkpoints/last.ckpt", out, proc)
-    proc.send_signal(signal.SIGUSR1)
-    _, stderr = proc.communicate(timeout=180)
-    assert proc.returncode == 138, stderr[-3000:]
+    stderr = _signal_once_saved(proc, "teacher/slurm-4242/checkpoints/last.ckpt", out, signal.SIGUSR1, 138)
     stopped = re.search(r"stopped by SIGUSR1 after iteration (\d+): saved \S+; the job is requeued", stderr)
     assert stopped, stderr[-3000:]
     assert log.read_text().split() == ["requeue", "4242"]
@@ -137,7 +140,6 @@ def test_sigusr1_under_slurm_saves_requeues_and_the_requeued_job_continues(tmp_p
 SLOW_CHECKPOINT = r"""
 import sys, time, torch
 from pathlib import Path
-from anyflow.callbacks.checkpoint import AtomicCheckpointIO
 target, ready = Path(sys.argv[1]), Path(sys.argv[2])
 def slow(obj, f):
     f.write(b"PK\x03\x04" + bytes(1 << 20)); f.flush()  # a part of the new checkpoint is on disk
@@ -372,11 +374,8 @@ def test_fsdp_sigterm_writes_the_checkpoint_folder_by_swapping_it_in(tmp_path):
     args = _cli_args(tmp_path, "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
                      "trainer.max_steps=100000")
     out = tmp_path / "outputs"
-    proc = _start(tmp_path, *args)
-    _wait_for("teacher/*/checkpoints/last.ckpt/meta.pt", out, proc, timeout=300)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 143, stderr[-3000:]
+    stderr = _signal_once_saved(_start(tmp_path, *args), "teacher/*/checkpoints/last.ckpt/meta.pt", out,
+                                signal.SIGTERM, 143, timeout=300)
     stopped = re.findall(r"stopped by SIGTERM after iteration (\d+): saved (\S+); resume", stderr)
     assert len(stopped) == 1, stderr[-3000:]  # said once, by rank 0
     step, ckpt = int(stopped[0][0]), Path(stopped[0][1])

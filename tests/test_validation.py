@@ -4,7 +4,6 @@ naming the key and what is valid; dry runs; evaluate and sample inputs."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 from conftest import compose_cfg, fast_overrides, run_cli
