@@ -59,3 +59,18 @@ def guidance_weights(batch: int, guidance_scale: float | None, dropped: Tensor) 
         raise ValueError(f"fuse_guidance_scale={guidance_scale} must be positive (e.g. 3.0), or null for off.")
     w = torch.full((batch,), float(guidance_scale), device=dropped.device)
     return torch.where(dropped, torch.ones_like(w), w)
+
+
+def condition(prompt_embeds: Tensor, negative_embeds: Tensor | None, dropped: Tensor, *, drop_text_ratio: float,
+              guidance_scale: float | None) -> tuple[Tensor, Tensor | None]:
+    """Text dropout and guidance fusion for the samples ``dropped`` (``[B]`` bool, on the embeddings' device):
+    dropped samples take the negative-prompt embedding, and ``w`` is the per-sample fusion scale (1 where
+    dropped; None without fusion). Returns ``(embeds, w)``."""
+    if drop_text_ratio > 0 and negative_embeds is None:
+        raise ValueError("drop_text_ratio > 0 needs negative_embeds (the negative-prompt embedding).")
+    if guidance_scale is not None and negative_embeds is None:
+        raise ValueError("guidance fusion needs negative_embeds (the negative-prompt embedding).")
+    embeds = prompt_embeds
+    if drop_text_ratio > 0:
+        embeds = torch.where(dropped.view(-1, 1, 1), negative_embeds.expand_as(prompt_embeds), prompt_embeds)
+    return embeds, guidance_weights(prompt_embeds.shape[0], guidance_scale, dropped)

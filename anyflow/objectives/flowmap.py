@@ -35,7 +35,7 @@ from anyflow.flow import (
     time_weight,
     velocity,
 )
-from anyflow.objectives.common import all_reduce_sum, fuse_guidance, guidance_weights, per_sample_mse, randn_like
+from anyflow.objectives.common import all_reduce_sum, condition, fuse_guidance, per_sample_mse, randn_like
 from anyflow.sampling import call_model
 
 
@@ -134,18 +134,11 @@ def flowmap_loss(model, x0: Tensor, prompt_embeds: Tensor, *, noise: Tensor | No
         t_host, r_host = t.detach().cpu(), r.detach().cpu()  # given times: one copy to the host
     if bool((r_host > t_host).any()):
         raise ValueError("flow-map times need r <= t for every sample.")
-    if drop_text_ratio > 0 and negative_embeds is None:
-        raise ValueError("drop_text_ratio > 0 needs negative_embeds (the negative-prompt embedding).")
-    if guidance_scale is not None and negative_embeds is None:
-        raise ValueError("guidance fusion needs negative_embeds (the negative-prompt embedding).")
     if noise is None:
         noise = randn_like(x0, generator)
     dropped_host = drop_mask(batch, drop_text_ratio, time_generator, rank, world_size)
-    dropped = to_device(dropped_host, x0.device)
-    embeds = prompt_embeds
-    if drop_text_ratio > 0:
-        embeds = torch.where(dropped.view(-1, 1, 1), negative_embeds.expand_as(prompt_embeds), prompt_embeds)
-    w = guidance_weights(batch, guidance_scale, dropped)
+    embeds, w = condition(prompt_embeds, negative_embeds, to_device(dropped_host, x0.device),
+                          drop_text_ratio=drop_text_ratio, guidance_scale=guidance_scale)
 
     # host-side row sets: r ≠ t needs dU/dt; with fusion, a kept prompt needs u_∅
     jump_host = (t_host != r_host).nonzero().flatten()

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from anyflow.flow import (add_noise, dist_rank_world, logit_normal, rank_positions, shift as time_shift, time_weight,
                           velocity)
-from anyflow.objectives.common import fuse_guidance, guidance_weights, per_sample_mse, randn_like
+from anyflow.objectives.common import condition, fuse_guidance, per_sample_mse, randn_like
 from anyflow.objectives.flowmap import drop_mask
 from anyflow.sampling import call_model
 
@@ -37,13 +37,9 @@ def flow_matching_loss(model, x0: Tensor, prompt_embeds: Tensor, *, noise: Tenso
     if t is None:
         t = logit_normal(batch * world_size, generator=time_generator)[rank_positions(batch, rank, world_size)]
         t = time_shift(t, shift).to(x0.device)
-    if (drop_text_ratio > 0 or guidance_scale is not None) and negative_embeds is None:
-        raise ValueError("text dropout and guidance fusion need negative_embeds (the negative-prompt embedding).")
     dropped = drop_mask(batch, drop_text_ratio, time_generator, rank, world_size).to(x0.device)
-    embeds = prompt_embeds
-    if drop_text_ratio > 0:
-        embeds = torch.where(dropped.view(-1, 1, 1), negative_embeds.expand_as(prompt_embeds), prompt_embeds)
-    w = guidance_weights(batch, guidance_scale, dropped)
+    embeds, w = condition(prompt_embeds, negative_embeds, dropped, drop_text_ratio=drop_text_ratio,
+                          guidance_scale=guidance_scale)
     x_t, target = add_noise(x0, noise, t), velocity(x0, noise)
     prediction = call_model(model, x_t, t, t, embeds)
     if w is not None:
