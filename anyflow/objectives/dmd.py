@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from anyflow.flow import add_noise, shift as time_shift, x0_from_velocity
-from anyflow.objectives.common import randn_like
+from anyflow.flow import add_noise, x0_from_velocity
 from anyflow.sampling import call_model, guided
 
 
@@ -36,14 +35,6 @@ def dmd_loss(x0_hat: Tensor, x0_fake: Tensor, x0_real: Tensor, weight: float = 1
     return surrogate_loss(x0_hat, dmd_gradient(x0_hat.detach(), x0_fake.detach(), x0_real.detach()), weight)
 
 
-def sample_dmd_times(batch: int, *, shift: float, min_t: float, max_t: float, generator=None,
-                     device=None) -> Tensor:
-    """``t ~ U(0, 1)``, shifted, clamped to ``[min_t, max_t]``."""
-    device = generator.device if generator is not None else device
-    t = torch.rand(batch, generator=generator, device=device)
-    return time_shift(t, shift).clamp(min_t, max_t)
-
-
 def teacher_x0(teacher, x_t: Tensor, t: Tensor, embeds: Tensor, negative_embeds: Tensor | None,
                guidance_scale: float) -> Tensor:
     """Teacher x0-prediction with CFG ``cond + s·(cond − uncond)`` (= ``uncond + (1 + s)·(cond − uncond)``, one
@@ -52,17 +43,11 @@ def teacher_x0(teacher, x_t: Tensor, t: Tensor, embeds: Tensor, negative_embeds:
     return x0_from_velocity(x_t, v, t)
 
 
-def dmd_generator_loss(x0_hat: Tensor, teacher, fake_score, embeds: Tensor, *,
-                       negative_embeds: Tensor | None = None, generator=None, weight: float = 1.0,
-                       shift: float = 1.0, min_t: float = 0.0, max_t: float = 1.0,
-                       real_guidance_scale: float = 3.0, t: Tensor | None = None,
-                       noise: Tensor | None = None) -> dict[str, Tensor]:
-    """The DMD generator loss of a student sample ``x0_hat`` (keeps its graph). Returns ``loss``, ``t``, ``g``."""
-    if t is None:
-        t = sample_dmd_times(x0_hat.shape[0], shift=shift, min_t=min_t, max_t=max_t, generator=generator,
-                             device=x0_hat.device).to(x0_hat.device)
-    if noise is None:
-        noise = randn_like(x0_hat, generator)
+def dmd_generator_loss(x0_hat: Tensor, teacher, fake_score, embeds: Tensor, *, t: Tensor, noise: Tensor,
+                       negative_embeds: Tensor | None = None, weight: float = 1.0,
+                       real_guidance_scale: float = 3.0) -> dict[str, Tensor]:
+    """The DMD generator loss of a student sample ``x0_hat`` (keeps its graph), noised with ``noise`` at ``t``
+    (the stage draws ``t ~ U(0, 1)``, shifted and clamped). Returns ``loss``, ``t``, ``g``."""
     with torch.no_grad():
         x_t = add_noise(x0_hat.detach(), noise, t)
         x0_fake = x0_from_velocity(x_t, call_model(fake_score, x_t, t, t, embeds), t)
