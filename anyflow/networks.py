@@ -46,10 +46,7 @@ def load_transformer(cfg: DictConfig, source: Path | None) -> FlowMapWanTransfor
     folder = source if source is not None else (Path(cfg.model.path) if cfg.model.get("path") else None)
     if cfg.model.get("meta_init") and folder is not None and folder.is_dir():
         kwargs = {k: cfg.model.transformer[k] for k in ("gate_value", "deltatime_type") if k in cfg.model.transformer}
-        try:
-            verify_export(folder)  # weights are read later, shard by shard; their checksums now
-        except IntegrityError as error:
-            raise ConfigError(str(error)) from None
+        verified(folder)  # weights are read later, shard by shard; their checksums now
         return empty_transformer(folder, **kwargs)
     if source is None:
         return instantiate(cfg.model.transformer, _convert_="all")
@@ -66,16 +63,22 @@ def load_transformer(cfg: DictConfig, source: Path | None) -> FlowMapWanTransfor
             raise ConfigError(f"{source} does not fit the model (missing {missing[:2]}, unexpected {unexpected[:2]}); "
                               "pass the .pt of the same model size.")
         return finite(model, source)
+    verified(source)
     try:
-        verify_export(source)
         model = FlowMapWanTransformer3DModel.from_pretrained(source)
-    except IntegrityError as error:
-        raise ConfigError(str(error)) from None
     except (OSError, ValueError, RuntimeError, KeyError) as error:  # missing / cut-off / mismatched files
         gist = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise ConfigError(f"{source} cannot be loaded as a transformer ({gist}); pass an export written by train.py "
                           "or a Diffusers folder.") from None
     return finite(model, source)
+
+
+def verified(folder: Path, **kwargs) -> None:
+    """:func:`~anyflow.export.verify_export`, its sentence raised as a configuration error."""
+    try:
+        verify_export(folder, **kwargs)
+    except IntegrityError as error:
+        raise ConfigError(str(error)) from None
 
 
 def finite(model, source: Path):
@@ -92,10 +95,7 @@ def export_adapter(source: Path | None, name: str, cfg: DictConfig):
     folder = source / "lora" / name if source is not None and source.is_dir() else None
     if folder is None or not (folder / "adapter_config.json").is_file():
         return None
-    try:
-        verify_export(source, parts=("lora",))
-    except IntegrityError as error:
-        raise ConfigError(str(error)) from None
+    verified(source, parts=("lora",))
     spec, state, base = load_adapter(folder)
     return (spec, state) if base is not None and base == base_identity(cfg) else None
 
