@@ -20,7 +20,8 @@ import torch
 from diffusers import AutoencoderKLWan
 from omegaconf import OmegaConf
 
-from anyflow.export import atomic_folder_write, write_export
+from anyflow.atomic import write_folder
+from anyflow.export import write_export
 from anyflow.models import FlowMapWanTransformer3DModel
 from anyflow.models.autoencoder import WanAutoencoder
 from anyflow.models.lora import official_state_dict, torch_load_weights
@@ -76,7 +77,7 @@ def convert(ckpt: str | Path, base: str | Path, out: str | Path, *, weight: str 
     info = {"stage": "converted", "mode": "flowmap" if flowmap else "teacher", "latent_shape": latent_shape,
             "shift": shift, "negative_prompt": WAN_NEGATIVE_PROMPT, "max_length": 512, "source_checkpoint": str(ckpt)}
     full = {k: v.detach() for k, v in transformer.state_dict().items()}
-    return atomic_folder_write(out, lambda tmp: write_export(tmp, transformer, full, info=info,
+    return write_folder(out, lambda tmp: write_export(tmp, transformer, full, info=info,
                                                              dtype=getattr(torch, dtype), source=base))
 
 

@@ -27,7 +27,6 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from torch import nn
 
-from anyflow.atomic import write_folder
 from anyflow.integrity import IntegrityError, file_checksum, nonfinite_names
 
 METADATA = "anyflow.json"
@@ -102,11 +101,6 @@ def verify_export(folder: str | Path, parts: tuple[str, ...] = CHECKSUMMED) -> N
         if file_checksum(path) != expected:
             raise IntegrityError(f"{path} does not match the checksum in {folder / METADATA} (its bytes changed on "
                                  "disk); re-export it or pass another export.")
-
-
-def atomic_folder_write(target: str | Path, write) -> Path:
-    """Call ``write(tmp_folder)``, then swap the result in as ``target`` (see :func:`anyflow.atomic.write_folder`)."""
-    return write_folder(target, write)
 
 
 def read_metadata(export: str | Path) -> dict:

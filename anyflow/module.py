@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from anyflow.config import as_dtype
 from anyflow.ema import EMA
-from anyflow.export import atomic_folder_write, full_state_dict, write_export
+from anyflow.atomic import write_folder
+from anyflow.export import full_state_dict, write_export
 from anyflow.fsdp import hybrid_mesh, shard_network
 from anyflow.integrity import nonfinite_names
 from anyflow.models.lora import merged_state, named_trainable, save_adapter
@@ -358,4 +359,4 @@ class AnyFlowModule(L.LightningModule):
             if lora:  # the adapter too, so a later stage over the same base can continue it
                 save_adapter(tmp / "lora" / lora["adapter"], state, lora["adapter"], lora["spec"], lora["base"])
 
-        atomic_folder_write(folder, write)
+        write_folder(folder, write)

@@ -24,7 +24,6 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from anyflow.atomic import stale_siblings
 
 _CHOSEN: dict[tuple, str] = {}
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
@@ -118,15 +117,10 @@ def wandb_run_id(run: str | Path) -> str:
     return path.read_text().strip()
 
 
-def stale_temporaries(run: Path) -> list[Path]:
-    """Temporary siblings of a run's checkpoint and export left by killed processes (of this host)."""
-    return [p for target in (run / CHECKPOINT, run / "export") for p, _ in stale_siblings(target)]
-
-
 def register_run_resolver() -> None:
     if not OmegaConf.has_resolver("anyflow.run_dir"):
         OmegaConf.register_new_resolver("anyflow.run_dir", run_folder)
 
 
 __all__ = ["run_folder", "newest_run", "runs_with_checkpoint", "has_checkpoint", "requeued_checkpoint",
-           "wandb_run_id", "stale_temporaries", "register_run_resolver"]
+           "wandb_run_id", "register_run_resolver"]

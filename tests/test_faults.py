@@ -21,7 +21,7 @@ from conftest import ROOT, compose_cfg, fast_overrides, run_cli
 import anyflow.atomic as atomic
 import anyflow.runs as runs
 from anyflow.atomic import WriteError, clean_stale, write_file, write_folder
-from anyflow.export import atomic_folder_write, read_metadata
+from anyflow.export import read_metadata
 from anyflow.train import train
 
 pytestmark = pytest.mark.slow
@@ -151,12 +151,12 @@ AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}, "globa
 SLOW_EXPORT = r"""
 import sys, time
 from pathlib import Path
-from anyflow.export import atomic_folder_write
+from anyflow.atomic import write_folder
 target, ready = Path(sys.argv[1]), Path(sys.argv[2])
 def slow(folder):
     (folder / "transformer").mkdir(); (folder / "transformer" / "part.safetensors").write_bytes(bytes(1 << 20))
     ready.touch(); time.sleep(600)
-atomic_folder_write(target, slow)
+write_folder(target, slow)
 """
 
 
@@ -195,7 +195,7 @@ def test_kill_during_export_keeps_the_previous_export_and_leaves_nothing_after_c
 
     run = tmp_path / "outputs" / "teacher" / "run"
     export = run / "export"
-    atomic_folder_write(export, lambda f: (f / "anyflow.json").write_text('{"step": 1}'))
+    write_folder(export, lambda f: (f / "anyflow.json").write_text('{"step": 1}'))
     pid = _kill_while(SLOW_EXPORT, export, tmp_path)
     assert read_metadata(export) == {"step": 1}
     assert [p.name for p in _leftovers(run)] == [f".export.tmp-{atomic._HOST}-{pid}"]
@@ -229,19 +229,19 @@ def test_the_export_swap_never_shows_a_missing_export(tmp_path, monkeypatch):
     def write(step):
         return lambda folder: (folder / "anyflow.json").write_text(f'{{"step": {step}}}')
 
-    atomic_folder_write(export, write(0))
+    write_folder(export, write(0))
     thread = threading.Thread(target=reader)
     thread.start()
     try:
         for step in range(1, 150):
-            atomic_folder_write(export, write(step))
+            write_folder(export, write(step))
     finally:
         done.set()
         thread.join()
     assert missing == [] and read_metadata(export) == {"step": 149} and not _leftovers(tmp_path)
     # without the exchange (e.g. NFS) the same swap still ends complete, through two renames
     monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
-    atomic_folder_write(export, write(150))
+    write_folder(export, write(150))
     assert read_metadata(export) == {"step": 150} and not _leftovers(tmp_path)
 
 
