@@ -28,6 +28,16 @@ def tiny_kwargs():
     return dict(TINY)
 
 
+@pytest.fixture
+def no_networks(monkeypatch):
+    """Fails the test if a network gets built: a bad input must be reported first."""
+    import anyflow.train as train_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a network was built before the bad input was reported")
+    monkeypatch.setattr(train_module, "build_networks", refuse)
+
+
 def compose_cfg(config_name: str, overrides: list[str], run_dir: Path | None = None):
     """Compose like @hydra.main does (hydra resolvers available), with outputs under ``run_dir``."""
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
