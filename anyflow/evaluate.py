@@ -30,8 +30,8 @@ from torch import Tensor
 from anyflow.config import config_dir, register_resolvers
 from anyflow.data.shapes import ShapesDataset, prompt_set
 from anyflow.export import newest_export
-from anyflow.metrics import (accuracies, analyse, analyse_batch, fd_difference_interval, fd_interval,
-                             frechet_distance, score)
+from anyflow.metrics import (accuracies, analyse, analyse_batch, bootstrap_fd, frechet_distance,
+                             percentile_interval, score)
 
 __all__ = ["analyse", "frechet_distance", "score", "real_clips", "Reference", "sweep", "write_results"]
 
@@ -57,17 +57,20 @@ class Reference:
         return cls(prompts, analyse_batch(real_clips(prompts, frames, size, seed)).features, **kwargs)
 
     def score(self, videos: Tensor, prompts: list[str]) -> dict:
-        """Accuracies, ``fd`` and its interval ``fd_low``, ``fd_high`` for clips generated from ``prompts``, and
-        their ``features``."""
+        """Accuracies, ``fd`` and its interval ``fd_low``, ``fd_high`` for clips generated from ``prompts``, their
+        ``features`` and ``fd_samples``, the FD of every bootstrap resample."""
         analysis = analyse_batch(videos)
-        low, high = fd_interval(analysis.features, self.features, prompts, self.prompts, num=self.bootstrap,
-                                level=self.level)
+        samples = bootstrap_fd([analysis.features], self.features, prompts, self.prompts, num=self.bootstrap)[:, 0]
+        low, high = percentile_interval(samples, self.level)
         return {**accuracies(analysis, prompts), "fd": frechet_distance(analysis.features, self.features),
-                "fd_low": low, "fd_high": high, "features": analysis.features}
+                "fd_low": low, "fd_high": high, "features": analysis.features, "fd_samples": samples}
 
-    def difference(self, a: Tensor, b: Tensor, prompts: list[str]) -> tuple[float, float]:
-        """Interval of ``FD(a) − FD(b)`` for feature sets of clips generated from the same prompts and noise."""
-        return fd_difference_interval(a, b, self.features, prompts, self.prompts, num=self.bootstrap, level=self.level)
+    def difference(self, a: dict, b: dict) -> tuple[float, float]:
+        """Interval of ``FD(a) − FD(b)`` for two scored rows of clips generated from the same prompts and noise.
+
+        Every row is resampled with the same indices (same seed and prompts), so the paired differences of their
+        ``fd_samples`` are those of :func:`~anyflow.metrics.fd_difference_interval`, without resampling again."""
+        return percentile_interval(a["fd_samples"] - b["fd_samples"], self.level)
 
 
 def default_checkpoints(output_dir: str) -> list[Path]:
@@ -130,11 +133,11 @@ def sweep(checkpoints: list[str | Path], nfes: list[int], *, num_prompts: int = 
                     print(f"[anyflow] {name} nfe={nfe}: FD {r['fd']:.5f} [{r['fd_low']:.5f}, {r['fd_high']:.5f}] "
                           f"({r['seconds']:.0f} s)", flush=True)
     if baseline is not None:
-        compare_to(rows, baseline, reference, prompts)
+        compare_to(rows, baseline, reference)
     return rows
 
 
-def compare_to(rows: list[dict], baseline: str, reference: Reference, prompts: list[str]) -> None:
+def compare_to(rows: list[dict], baseline: str, reference: Reference) -> None:
     """Add ``delta`` (FD minus the baseline's at the same NFE) and its paired interval to every other row."""
     base = {}
     for r in rows:
@@ -144,7 +147,7 @@ def compare_to(rows: list[dict], baseline: str, reference: Reference, prompts: l
         other = base.get(r["nfe"])
         if other is None or other["checkpoint"] == r["checkpoint"]:
             continue
-        low, high = reference.difference(r["features"], other["features"], prompts)
+        low, high = reference.difference(r, other)
         r.update(delta=r["fd"] - other["fd"], delta_low=low, delta_high=high, baseline=other["checkpoint"])
 
 

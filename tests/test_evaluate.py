@@ -140,9 +140,13 @@ def test_sweep_rows_noise_floor_and_teacher_with_cfg():
     assert all(r["fd_low"] <= r["fd_high"] for r in rows)
     assert floor["fd_high"] < eight_steps["fd"] < one_step["fd"]  # Euler at NFE 1 is the blurriest
     assert all("delta" not in r for r in rows[:3])  # the floor and the baseline itself
+    reference = Reference.build(72, 8, 16, 7)  # the sweep's reference clips (default real_seed)
     for guided, plain in zip(rows[3:], rows[1:3]):
         assert guided["delta"] == pytest.approx(guided["fd"] - plain["fd"])
         assert guided["delta_low"] <= guided["delta_high"] and guided["baseline"] == "toy teacher"
+        # the rows' own resamples give exactly the interval of a fresh paired bootstrap
+        assert (guided["delta_low"], guided["delta_high"]) == fd_difference_interval(
+            guided["features"], plain["features"], reference.features, prompt_set(24), reference.prompts, num=50)
     with pytest.raises(ValueError, match="must name each of the 1 checkpoints once"):
         sweep([TOY_TEACHER], [1], labels=["a", "b"])
 
