@@ -64,7 +64,11 @@ def _signal_once_saved(proc: subprocess.Popen, pattern: str, root: Path, signum:
     the run's stderr."""
     _wait_for(pattern, root, proc, timeout)
     proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=timeout)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # never leave a training run behind
+        raise
     assert proc.returncode == returncode, stderr[-3000:]
     return stderr
 
@@ -140,6 +144,7 @@ def test_sigusr1_under_slurm_saves_requeues_and_the_requeued_job_continues(tmp_p
 SLOW_CHECKPOINT = r"""
 import sys, time, torch
 from pathlib import Path
+from anyflow.callbacks.checkpoint import AtomicCheckpointIO
 target, ready = Path(sys.argv[1]), Path(sys.argv[2])
 def slow(obj, f):
     f.write(b"PK\x03\x04" + bytes(1 << 20)); f.flush()  # a part of the new checkpoint is on disk
