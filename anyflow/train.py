@@ -218,9 +218,11 @@ def print_dry_run(cfg: DictConfig, module: AnyFlowModule) -> None:
 
 
 def clean_killed_writers(cfg: DictConfig) -> None:
-    """Temporary checkpoint / export siblings that killed runs of this stage left (this host's dead processes)."""
-    root = Path(cfg.paths.output_dir, cfg.stage.name)
-    for run in (p for p in root.glob("*") if p.is_dir()) if root.is_dir() else ():
+    """Temporary checkpoint / export siblings that killed runs of this stage left (this host's dead processes);
+    rank 0 only, so that ranks never race to repair the same swap."""
+    if rank_zero_only.rank != 0:
+        return
+    for run in (p for p in Path(cfg.paths.output_dir, cfg.stage.name).glob("*") if p.is_dir()):
         for target in (run / CHECKPOINT, run / "export"):
             clean_stale(target)
 
