@@ -105,13 +105,10 @@ def torch_load(path: str | Path, **kwargs):
         raise IntegrityError(f"{path} is empty; pass a complete checkpoint.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
-    except RuntimeError as error:
-        if kwargs.get("mmap") and "mmap" in str(error):  # an old (non-zip) file: read it whole
-            return torch_load(path, **{k: v for k, v in kwargs.items() if k != "mmap"})
-        raise IntegrityError(f"{path} cannot be read ({load_error_gist(error)}); pass a checkpoint written by "
-                             "train.py.") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, OSError, zipfile.BadZipFile, AttributeError,
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError, zipfile.BadZipFile, AttributeError,
             TypeError) as error:
+        if isinstance(error, RuntimeError) and kwargs.get("mmap") and "mmap" in str(error):
+            return torch_load(path, **{k: v for k, v in kwargs.items() if k != "mmap"})  # an old (non-zip) file
         raise IntegrityError(f"{path} cannot be read ({load_error_gist(error)}); pass a checkpoint written by "
                              "train.py.") from None
 

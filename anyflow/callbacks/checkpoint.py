@@ -21,11 +21,10 @@ from weakref import proxy
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import _load as pl_load
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from anyflow.atomic import clean_stale, replace_folder, sibling, write_file
-from anyflow.integrity import IntegrityError, load_error_gist, tensor_checksum, verify_checkpoint
+from anyflow.integrity import tensor_checksum, torch_load, verify_checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -38,15 +37,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         info["checksum"] = tensor_checksum({k: v for k, v in checkpoint.items() if k != "anyflow"})
         write_file(path, lambda f: torch.save(checkpoint, f))
 
-    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None) -> dict:
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        """Tensors only, on the CPU (Lightning moves them); one sentence for a cut-off, foreign or pickled file."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        try:
-            checkpoint = pl_load(path, map_location=map_location, weights_only=True)
-        except Exception as error:  # cut off, not a checkpoint, pickled code: one sentence
-            raise IntegrityError(f"{path} cannot be read ({load_error_gist(error)}); pass a checkpoint written by "
-                                 "train.py.") from None
+        checkpoint = torch_load(path)
         verify_checkpoint(checkpoint, path)
         return checkpoint
 
