@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from anyflow.config import ConfigError
 from anyflow.export import newest_export, verify_export
@@ -71,6 +71,11 @@ def load_transformer(cfg: DictConfig, source: Path | None) -> FlowMapWanTransfor
         raise ConfigError(f"{source} cannot be loaded as a transformer ({gist}); pass an export written by train.py "
                           "or a Diffusers folder.") from None
     return finite(model, source)
+
+
+def debug_run(cfg: DictConfig) -> bool:
+    """A ``debug=fast`` run: its exports are marked, and it may start from other debug runs' exports."""
+    return bool(OmegaConf.select(cfg, "callbacks.export.debug", default=False))
 
 
 def verified(folder: Path, **kwargs) -> None:
@@ -132,8 +137,7 @@ def resolve_teacher(cfg: DictConfig) -> Path:
             raise ConfigError(f"teacher_from={cfg.teacher_from!r} does not exist; pass a teacher export, a "
                               "pretrain export, a Wan Diffusers folder or an official .pt checkpoint.")
         return path
-    debug = bool(cfg.get("callbacks") and cfg.callbacks.get("export") and cfg.callbacks.export.get("debug"))
-    found = newest_export(cfg.paths.output_dir, cfg.stage.teacher_stage, include_debug=debug)
+    found = newest_export(cfg.paths.output_dir, cfg.stage.teacher_stage, include_debug=debug_run(cfg))
     if found is None:
         raise ConfigError(f"stage=onpolicy needs a teacher, but there is no {cfg.stage.teacher_stage} export under "
                           f"{cfg.paths.output_dir}/{cfg.stage.teacher_stage}/; pass teacher_from=PATH.")

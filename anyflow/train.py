@@ -28,7 +28,7 @@ from anyflow.integrity import IntegrityError, inspect_checkpoint
 from anyflow.models.pipeline import FolderError, check_pipeline_folder
 from anyflow.models.text_encoder import UMT5TextEncoder
 from anyflow.module import AnyFlowModule, NonFiniteError
-from anyflow.networks import build_networks
+from anyflow.networks import build_networks, debug_run
 from anyflow.runs import CHECKPOINT, newest_run, register_run_resolver, requeued_checkpoint, wandb_run_id
 from anyflow.validate import STAGES, validate
 
@@ -73,11 +73,6 @@ def check_model_folder(cfg: DictConfig) -> None:
         check_pipeline_folder(path, what="model.path")
     except FolderError as error:
         raise ConfigError(str(error)) from None
-
-
-def debug_run(cfg: DictConfig) -> bool:
-    """A ``debug=fast`` run: its exports are marked, and it may start from other debug runs' exports."""
-    return bool(OmegaConf.select(cfg, "callbacks.export.debug", default=False))
 
 
 def resolve_ckpt(cfg: DictConfig) -> str | None:
