@@ -7,6 +7,8 @@ from torch import Tensor
 
 from anyflow.stages.common import clip
 
+LOGGED = ("loss", "per_sample", "is_diffusion", "n_diffusion")  # what the logs need of each micro-batch's output
+
 
 def regression_step(module, x0: Tensor, embeds: Tensor, shared) -> dict:
     """One student update over the iteration's micro-batches; returns the logs."""
@@ -19,11 +21,12 @@ def regression_step(module, x0: Tensor, embeds: Tensor, shared) -> dict:
                                negative_embeds=module.negative_embeds(),
                                time_generator=module.clone_generator(shared), rank=mb.rank, world_size=mb.world_size)
         module.manual_backward(out["loss"] * mb.scale)
-        outs.append(out)
+        outs.append({k: out[k] for k in LOGGED if k in out})  # not the predictions: they would live until the step
+    loss = sum(o["loss"] for o in outs)
     logs = {"train/grad_norm/student": clip(module.trainable(module.student), module.optim["clip"])}
-    logs.update(module.step(optimizer, scheduler, "student", logs, losses={"loss": sum(o["loss"] for o in outs)}))
+    logs.update(module.step(optimizer, scheduler, "student", logs, losses={"loss": loss}))
     name = "flow_matching_loss" if module.stage_name == "teacher" else "flowmap_loss"
-    logs[f"train/{name}"] = sum(o["loss"] for o in outs) / len(outs)
+    logs[f"train/{name}"] = loss / len(outs)
     if module.stage_name == "pretrain":  # masked means over host-known counts: no device-to-host sync
         n_diffusion = sum(o["n_diffusion"] for o in outs)
         total = sum(len(o["per_sample"]) for o in outs)
