@@ -32,6 +32,7 @@ from anyflow.data.shapes import ShapesDataset, prompt_set
 from anyflow.export import newest_export
 from anyflow.metrics import (accuracies, analyse, analyse_batch, bootstrap_fd, frechet_distance,
                              percentile_interval, score)
+from anyflow.validate import step_counts
 
 __all__ = ["analyse", "frechet_distance", "score", "real_clips", "Reference", "sweep", "write_results"]
 
@@ -243,7 +244,7 @@ def main(cfg: DictConfig) -> None:
             raise SystemExit(f"error: checkpoints: {path} is not an export folder (missing, or a file); pass "
                              "checkpoints=[PATH,…] with export folders written by train.py (…/export).")
     nfe = list(cfg.nfe) if isinstance(cfg.nfe, (list, ListConfig)) else [cfg.nfe]
-    if not nfe or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in nfe):
+    if not step_counts(nfe):
         raise SystemExit(f"error: nfe={nfe} must be a list of positive integers, e.g. nfe=[1,4,16].")
     nfes = [int(n) for n in nfe]
     if cfg.num_prompts < 2:

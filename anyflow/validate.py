@@ -100,12 +100,16 @@ def time_range(cfg: DictConfig, key: str) -> None:
         raise ConfigError(f"{key}.min_t={low} must be below {key}.max_t={high}, e.g. 0.0 and 1.0.")
 
 
+def step_counts(value) -> bool:
+    """Whether ``value`` is a non-empty list of step counts (integers of at least 1, no booleans)."""
+    return isinstance(value, (list, ListConfig)) and len(value) > 0 and all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in value)
+
+
 def onpolicy(cfg: DictConfig) -> None:
     integer(cfg, "stage.generator_every", 1, 1)
     nfe = _get(cfg, "stage.rollout_nfe")
-    ok = isinstance(nfe, (list, ListConfig)) and len(nfe) > 0 and all(
-        isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in nfe)
-    if not ok:
+    if not step_counts(nfe):
         shown = OmegaConf.to_container(nfe) if isinstance(nfe, ListConfig) else nfe
         raise ConfigError(f"stage.rollout_nfe={shown!r} must be a non-empty list of step counts of at least 1, e.g. "
                           "stage.rollout_nfe=[2,4,8,16,50].")
@@ -158,4 +162,4 @@ def validate(cfg: DictConfig) -> None:
         writable(run_dir, "paths.run_dir")
 
 
-__all__ = ["validate", "STAGES"]
+__all__ = ["validate", "step_counts", "STAGES"]
